@@ -1,0 +1,135 @@
+"""`WeightSpace`: the batched container of one architecture's weights, a pytree for `torch.func`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .spec import WeightSpaceSpec
+
+
+class WeightSpace:
+    """Tensors of one architecture in canonical layout, keyed by name, with any leading batch dims.
+
+    A tensor's trailing dims are given by its ``TensorSpec.shape``; whatever precedes them is batch
+    (for NFN layers: ``[batch, channels]``). ``extract_weights`` returns a WeightSpace with no batch dims.
+    """
+
+    def __init__(self, spec: WeightSpaceSpec, tensors: dict[str, torch.Tensor]):
+        missing = set(spec.names) - set(tensors)
+        extra = set(tensors) - set(spec.names)
+        if missing or extra:
+            raise ValueError(f"tensors do not match the spec: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        batch_shape = None
+        for t in spec.tensors:
+            x = tensors[t.name]
+            if tuple(x.shape[x.dim() - t.ndim :]) != t.shape or x.dim() < t.ndim:
+                raise ValueError(f"tensor {t.name!r} has shape {tuple(x.shape)}; its trailing dims must be {t.shape}")
+            b = tuple(x.shape[: x.dim() - t.ndim])
+            if batch_shape is None:
+                batch_shape = b
+            elif b != batch_shape:
+                raise ValueError(f"tensor {t.name!r} has batch shape {b}, others have {batch_shape}")
+        self.spec = spec
+        self.tensors = {name: tensors[name] for name in spec.names}
+        self.batch_shape: tuple[int, ...] = batch_shape or ()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def items(self):
+        return self.tensors.items()
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.tensors.items())
+        return f"WeightSpace({self.spec.family}, batch={self.batch_shape}, {shapes})"
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "WeightSpace":
+        return WeightSpace(self.spec, {k: fn(v) for k, v in self.tensors.items()})
+
+    def zip_map(self, other: "WeightSpace", fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "WeightSpace":
+        if other.spec != self.spec:
+            raise ValueError("weight spaces of different architectures cannot be combined")
+        return WeightSpace(self.spec, {k: fn(v, other[k]) for k, v in self.tensors.items()})
+
+    def to(self, *args, **kwargs) -> "WeightSpace":
+        return self.map(lambda x: x.to(*args, **kwargs))
+
+    def double(self) -> "WeightSpace":
+        return self.to(torch.float64)
+
+    def unsqueeze(self, dim: int = 0) -> "WeightSpace":
+        """Add a batch dim at position ``dim`` (counted among the batch dims)."""
+        if not -len(self.batch_shape) - 1 <= dim <= len(self.batch_shape):
+            raise IndexError(f"batch dim {dim} out of range for batch shape {self.batch_shape}")
+        d = dim if dim >= 0 else len(self.batch_shape) + 1 + dim
+        return self.map(lambda x: x.unsqueeze(d))
+
+    def as_features(self) -> "WeightSpace":
+        """Shape ``[batch, channels]`` as NFN layers expect: () -> (1, 1), (B,) -> (B, 1)."""
+        ws = self
+        while len(ws.batch_shape) < 2:
+            ws = ws.unsqueeze(-1) if ws.batch_shape else ws.unsqueeze(0)
+        if len(ws.batch_shape) != 2:
+            raise ValueError(f"expected at most 2 batch dims, got batch shape {self.batch_shape}")
+        return ws
+
+    @staticmethod
+    def stack(spaces: Sequence["WeightSpace"], dim: int = 0) -> "WeightSpace":
+        if not spaces:
+            raise ValueError("cannot stack an empty list of weight spaces")
+        spec = spaces[0].spec
+        for i, ws in enumerate(spaces):
+            if ws.spec != spec:
+                raise ValueError(
+                    f"weight space {i} is a different architecture ({ws.spec.family}, D={ws.spec.d_model}) "
+                    f"from weight space 0 ({spec.family}, D={spec.d_model}); only equal architectures stack"
+                )
+        return WeightSpace(spec, {k: torch.stack([ws[k] for ws in spaces], dim) for k in spec.names})
+
+    def __add__(self, other: "WeightSpace") -> "WeightSpace":
+        return self.zip_map(other, torch.add)
+
+    def __sub__(self, other: "WeightSpace") -> "WeightSpace":
+        return self.zip_map(other, torch.sub)
+
+    def __mul__(self, c: float) -> "WeightSpace":
+        return self.map(lambda x: x * c)
+
+    __rmul__ = __mul__
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tensors.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def numel(self) -> int:
+        return sum(v.numel() for v in self.tensors.values())
+
+
+def _flatten(ws: WeightSpace):
+    return list(ws.tensors.values()), ws.spec
+
+
+def _unflatten(values, spec: WeightSpaceSpec) -> WeightSpace:
+    return WeightSpace(spec, dict(zip(spec.names, values)))
+
+
+pytree.register_pytree_node(
+    WeightSpace,
+    _flatten,
+    _unflatten,
+    serialized_type_name="nfn_plugins.WeightSpace",
+    flatten_with_keys_fn=lambda ws: ([(pytree.MappingKey(k), v) for k, v in ws.tensors.items()], ws.spec),
+)
