@@ -186,9 +186,11 @@ class SymmetryGroup:
         dtype: torch.dtype = torch.float64,
         permutations_only: bool = False,
         orthogonal: bool = False,
+        unit_scales: bool = True,
     ) -> GroupElement:
         """A random element. ``permutations_only``: the permutation subgroup (no GL, no scales, no signs);
-        ``orthogonal``: orthogonal head maps and +-1 scales (the part under which gradients move like weights)."""
+        ``orthogonal``: orthogonal head maps and +-1 scales (the part under which gradients move like weights);
+        ``unit_scales=False``: no MLP-unit scales and no stream signs (the group the NFN layers are built for)."""
         s, L = self.spec, self.spec.n_blocks
         g = generator
 
@@ -206,11 +208,11 @@ class SymmetryGroup:
         vo = _gl(L, s.n_kv_heads, s.head_dim_vo, g, dtype, orthogonal)
         signs = lambda *shape: torch.randint(0, 2, shape, generator=g).to(dtype) * 2 - 1  # noqa: E731
         mlp_scale = torch.ones(L, s.mlp_width, dtype=dtype)
-        if s.mlp_scale == "nonzero":
+        if unit_scales and s.mlp_scale == "nonzero":
             mlp_scale = signs(L, s.mlp_width)
-        if s.mlp_scale != "none" and not orthogonal:
+        if unit_scales and s.mlp_scale != "none" and not orthogonal:
             mlp_scale = mlp_scale * torch.exp(torch.rand(L, s.mlp_width, generator=g, dtype=dtype) - 0.5)
-        stream_scale = signs(s.d_model) if s.stream_signs else e.stream_scale
+        stream_scale = signs(s.d_model) if s.stream_signs and unit_scales else e.stream_scale
         return GroupElement(s, perm(s.d_model), stream_scale, head_perm, kv_perm, qk, vo,
                             torch.stack([perm(s.mlp_width) for _ in range(L)]), mlp_scale)
 

@@ -1,0 +1,217 @@
+"""Transformer-NFN layers: equivariant (weight space -> weight space) and invariant (weight space -> vector).
+
+Design (why it is exact, width- and depth-agnostic, and linear in the weight count):
+- Every learned map mixes channels only, or is a small MLP applied pointwise to invariant features indexed
+  by a stream coordinate, an MLP unit or a head (`features.py`). Pointwise maps commute with
+  permutations of that index, and no parameter's shape depends on D, d_k, d_v, heads, MLP width or depth.
+- Tensors acted on by per-head GL maps (q, k, v, o and their biases) are only ever combined linearly per
+  head, rescaled by invariant scalars, or multiplied from the stream side by GL-invariant operators
+  (q k^T, v o, their transposes), normalised by their Frobenius norms so the update stays degree 1.
+  Those products cost D d^2 per head (never a D x D matrix) and run on a few projected channels.
+- Permutation-only tensors (MLP, norms, embeddings, heads) get DeepSets-style broadcasts of the features.
+Equivariance group: stream permutations, GQA-aware head permutations, per-head GL on Q/K and on V/O,
+MLP-unit permutations. The per-unit MLP scalings and the stream sign flips of RMSNorm models are
+symmetries of the model that these layers do not build in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..spec import WeightSpaceSpec
+from ..weight_space import WeightSpace
+from .features import (
+    GLOBAL_FEATURES,
+    HEAD_FEATURES,
+    STREAM_FEATURES,
+    UNIT_FEATURES,
+    expand_kv,
+    global_features,
+    group_mean,
+    head_features,
+    outer_kind,
+    outer_stream_rows,
+    stream_axis,
+    stream_features,
+    unit_features,
+)
+
+GL_TENSORS = ("q", "k", "v", "o")
+GL_BIASES = ("q_bias", "k_bias", "v_bias")
+STREAM_VECTORS = ("o_bias", "down_bias", "norm1_weight", "norm1_bias", "norm2_weight", "norm2_bias")
+MLP_MATRICES = ("up", "gate", "down")
+MLP_BIASES = ("up_bias", "gate_bias")
+OUTER_KINDS = ("embed", "readout", "gain", "bias", "free")
+
+STREAM_USES = (
+    *(f"{t}_mod" for t in GL_TENSORS), *(f"{t}_bc" for t in GL_TENSORS),
+    *(f"{b}_outer" for b in GL_BIASES), *(f"{b}_in" for b in GL_BIASES),
+    *MLP_MATRICES, *STREAM_VECTORS,
+)  # fmt: skip
+UNIT_USES = (*MLP_MATRICES, *MLP_BIASES)
+HEAD_USES = (*GL_TENSORS, *GL_BIASES)
+VIEWS = {"q": 5, "k": 5, "v": 5, "o": 4, "q_bias": 3, "k_bias": 3, "v_bias": 3}  # see EquivariantLayer.forward
+
+
+def mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Channel mixing [B, C_in, ...] -> [B, C_out, ...]: the one linear map every symmetry commutes with."""
+    return torch.einsum("bc...,oc->bo...", x, weight)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, *idx, F] -> [B, *idx, C*F] for pointwise MLPs over an index."""
+    return x.movedim(1, -2).flatten(-2)
+
+
+def _uses(y: torch.Tensor, names: tuple[str, ...], c_out: int) -> dict[str, torch.Tensor]:
+    """[B, *idx, U*C_out] -> {use: [B, C_out, *idx]}."""
+    y = y.unflatten(-1, (len(names), c_out)).movedim(-1, 1)
+    return dict(zip(names, y.unbind(-1)))
+
+
+class PointwiseMLP(nn.Sequential):
+    def __init__(self, d_in: int, hidden: int, d_out: int):
+        super().__init__(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def _init_mix(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) / shape[-1] ** 0.5)
+
+
+class EquivariantLayer(nn.Module):
+    """Weight space with ``c_in`` channels -> weight space with ``c_out`` channels, for any architecture."""
+
+    def __init__(self, c_in: int, c_out: int, hidden: int = 32, product_channels: int = 4):
+        super().__init__()
+        self.c_in, self.c_out, self.p = c_in, c_out, product_channels
+        names = (*GL_TENSORS, *GL_BIASES, *MLP_MATRICES, *MLP_BIASES, *STREAM_VECTORS)
+        self.mix = nn.ParameterDict({n: _init_mix(VIEWS.get(n, 1) * c_out, c_in) for n in names})
+        self.outer_mix = nn.ParameterDict({k: _init_mix(c_out, c_in) for k in OUTER_KINDS})
+        self.free_bias = nn.Parameter(torch.zeros(c_out))
+        self.prod_in = nn.ParameterDict({n: _init_mix(product_channels, c_in) for n in GL_TENSORS})
+        self.prod_out = nn.ParameterDict({n: _init_mix(c_out, 2 * product_channels) for n in GL_TENSORS})
+        n_s, n_u, n_h, n_g = len(STREAM_FEATURES), len(UNIT_FEATURES), len(HEAD_FEATURES), len(GLOBAL_FEATURES)
+        self.stream_ctx = PointwiseMLP(c_in * (2 * n_s + n_g), hidden, len(STREAM_USES) * c_out)
+        self.unit_ctx = PointwiseMLP(c_in * n_u, hidden, len(UNIT_USES) * c_out)
+        self.head_ctx = PointwiseMLP(c_in * n_h + 2 * product_channels, hidden, len(HEAD_USES) * c_out)
+        self.global_ctx = PointwiseMLP(c_in * (n_s + n_g), hidden, len(OUTER_KINDS) * c_out)
+
+    def _views(self, ws: WeightSpace, name: str) -> list[torch.Tensor]:
+        return list(mix(ws[name], self.mix[name]).chunk(VIEWS.get(name, 1), dim=1))
+
+    def _products(self, ws: WeightSpace) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """GL-equivariant cubic terms (QK q, VO q, ...) on ``p`` projected channels, and the norms used."""
+        g = ws.spec.group_size
+        q, o = mix(ws["q"], self.prod_in["q"]), mix(ws["o"], self.prod_in["o"])
+        k, v = expand_kv(mix(ws["k"], self.prod_in["k"]), g), expand_kv(mix(ws["v"], self.prod_in["v"]), g)
+        gram = lambda a, b: a.transpose(-1, -2) @ b  # noqa: E731  sums over the stream axis
+        n_qk = ((gram(q, q) * gram(k, k)).sum((-1, -2)) + 1e-12).sqrt()  # ||q k^T||_F
+        n_vo = ((gram(v, v) * (o @ o.transpose(-1, -2))).sum((-1, -2)) + 1e-12).sqrt()  # ||v o||_F
+        kq, oq, ov, kv, ok = gram(k, q), o @ q, o @ v, gram(k, v), o @ k
+        nqk, nvo = n_qk[..., None, None], n_vo[..., None, None]
+        out = {
+            "q": torch.cat([q @ kq / nqk, v @ oq / nvo], 1),
+            "k": group_mean(torch.cat([k @ kq.transpose(-1, -2) / nqk, v @ ok / nvo], 1), g),
+            "v": group_mean(torch.cat([v @ ov / nvo, q @ kv / nqk], 1), g),
+            "o": torch.cat([ov @ o / nvo, oq @ k.transpose(-1, -2) / nqk], 1),
+        }
+        return {n: mix(x, self.prod_out[n]) for n, x in out.items()}, torch.stack([n_qk, n_vo], -1)
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        spec: WeightSpaceSpec = ws.spec
+        if len(ws.batch_shape) != 2 or ws.batch_shape[1] != self.c_in:
+            raise ValueError(f"expected batch dims [B, {self.c_in}], got {ws.batch_shape}")
+        g, L, co = spec.group_size, spec.n_blocks, self.c_out
+        S, G = stream_features(ws), global_features(ws)
+        s_in = torch.cat([_channels_last(S), _channels_last(S.mean(2, keepdim=True).expand_as(S)),
+                          _channels_last(G).unsqueeze(1).expand(-1, L, -1, -1)], -1)
+        s = _uses(self.stream_ctx(s_in), STREAM_USES, co)  # each [B, co, L, D]
+        u = _uses(self.unit_ctx(_channels_last(unit_features(ws))), UNIT_USES, co)  # [B, co, L, A]
+        prods, norms = self._products(ws)
+        h_in = torch.cat([_channels_last(head_features(ws)), _channels_last(norms)], -1)
+        h = _uses(self.head_ctx(h_in), HEAD_USES, co)  # [B, co, L, H]
+        glob = _uses(self.global_ctx(torch.cat([_channels_last(S.mean(2)), _channels_last(G)], -1)), OUTER_KINDS, co)
+
+        out: dict[str, torch.Tensor] = {}
+        for t in ("q", "k", "v"):
+            ident, smod, bc, hmod, rows = self._views(ws, t)
+            hs = h[t] if t == "q" else group_mean(h[t].unsqueeze(-1), g).squeeze(-1)
+            col = lambda x: x[:, :, :, None, :, None]  # noqa: E731  stream vector along rows
+            y = ident + col(s[f"{t}_mod"]) * smod + col(s[f"{t}_bc"]) * bc.mean(-2, keepdim=True)
+            y = y + hs[..., None, None] * hmod + prods[t]
+            if f"{t}_bias" in ws:
+                b_id, b_h, b_outer = self._views(ws, f"{t}_bias")
+                y = y + col(s[f"{t}_bias_outer"]) * b_outer.unsqueeze(-2)
+                hb = h[f"{t}_bias"] if t == "q" else group_mean(h[f"{t}_bias"].unsqueeze(-1), g).squeeze(-1)
+                out[f"{t}_bias"] = b_id + hb[..., None] * b_h + (col(s[f"{t}_bias_in"]) * rows).mean(-2)
+            out[t] = y
+        ident, smod, bc, hmod = self._views(ws, "o")
+        row = lambda x: x[:, :, :, None, None, :]  # noqa: E731  stream vector along columns
+        out["o"] = ident + row(s["o_mod"]) * smod + row(s["o_bc"]) * bc.mean(-1, keepdim=True)
+        out["o"] = out["o"] + h["o"][..., None, None] * hmod + prods["o"]
+
+        for t in ("up", "gate"):
+            if t in ws:
+                out[t] = mix(ws[t], self.mix[t]) + s[t][..., :, None] + u[t][..., None, :]
+        out["down"] = mix(ws["down"], self.mix["down"]) + u["down"][..., :, None] + s["down"][..., None, :]
+        for t in MLP_BIASES:
+            if t in ws:
+                out[t] = mix(ws[t], self.mix[t]) + u[t]
+        for t in STREAM_VECTORS:
+            if t in ws:
+                out[t] = mix(ws[t], self.mix[t]) + s[t]
+
+        for t in spec.tensors:
+            if t.block:
+                continue
+            kind = outer_kind(t)
+            y = mix(ws[t.name], self.outer_mix[kind])
+            if kind == "free":
+                y = y + self.free_bias.reshape((1, -1) + (1,) * t.ndim)
+            else:
+                ax = stream_axis(t.axes)
+                shape = [1] * t.ndim
+                shape[ax] = spec.d_model
+                y = y + glob[kind].reshape(glob[kind].shape[:2] + tuple(shape))
+            out[t.name] = y
+        return WeightSpace(spec, out)
+
+
+class EquivariantReLU(nn.Module):
+    """ReLU on tensors with no per-head GL axis (a pointwise ReLU on q/k/v/o would break GL equivariance)."""
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        gl_axes = {"qk", "qk*", "vo", "vo*"}
+        return WeightSpace(
+            ws.spec, {t.name: ws[t.name] if gl_axes & set(t.axes) else torch.relu(ws[t.name]) for t in ws.spec.tensors}
+        )
+
+
+class InvariantLayer(nn.Module):
+    """Weight space with ``c_in`` channels -> [B, 3 * out_dim]: per-block pooled invariants (shared map),
+    aggregated over blocks by mean and max (depth-agnostic), plus pooled outer tensors."""
+
+    def __init__(self, c_in: int, out_dim: int = 32):
+        super().__init__()
+        n_block = 2 * (len(STREAM_FEATURES) + len(UNIT_FEATURES) + len(HEAD_FEATURES))
+        self.block = nn.Linear(c_in * n_block, out_dim)
+        self.outer = nn.Linear(c_in * (2 * len(GLOBAL_FEATURES) + 2), out_dim)
+        self.out_dim = 3 * out_dim
+
+    def forward(self, ws: WeightSpace) -> torch.Tensor:
+        def mean_rms(x: torch.Tensor, dim: int) -> list[torch.Tensor]:
+            return [x.mean(dim), (x.square().mean(dim) + 1e-12).sqrt()]
+
+        per_block = torch.cat(
+            [_channels_last(f) for x in (stream_features(ws), unit_features(ws), head_features(ws)) for f in mean_rms(x, 3)],
+            -1,
+        )  # [B, L, C * n_block]
+        z = self.block(per_block)
+        G = global_features(ws)
+        free = [outer_stream_rows(ws, t.name) if stream_axis(t.axes) is not None else ws[t.name].flatten(2)
+                for t in ws.spec.tensors if not t.block and outer_kind(t) == "free"]
+        free_flat = torch.cat([f.flatten(2) for f in free], -1) if free else G.new_zeros(G.shape[:2] + (1,))
+        outer_in = torch.cat([*(_channels_last(f) for f in mean_rms(G, 2)),
+                              *(f.unsqueeze(-1).flatten(1) for f in mean_rms(free_flat, 2))], -1)
+        return torch.cat([z.mean(1), z.amax(1), self.outer(outer_in)], -1)

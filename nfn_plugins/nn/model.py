@@ -1,0 +1,46 @@
+"""`TransformerNFN`: equivariant layers, then an invariant read-out and an MLP head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..weight_space import WeightSpace
+from .layers import EquivariantLayer, EquivariantReLU, InvariantLayer
+
+
+class TransformerNFNEncoder(nn.Module):
+    """A stack of equivariant layers (with equivariant ReLUs between): weight space -> weight space."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
+                 product_channels: int = 4, final_activation: bool = True):
+        super().__init__()
+        dims = [in_channels] + [channels] * n_layers
+        self.layers = nn.ModuleList(EquivariantLayer(a, b, hidden, product_channels) for a, b in zip(dims, dims[1:]))
+        self.act = EquivariantReLU()
+        self.final_activation = final_activation
+        self.out_channels = dims[-1]
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        for i, layer in enumerate(self.layers):
+            ws = layer(ws)
+            if i < len(self.layers) - 1 or self.final_activation:
+                ws = self.act(ws)
+        return ws
+
+
+class TransformerNFN(nn.Module):
+    """Invariant Transformer-NFN: weight space [B, C_in] -> [B, out_dim], same output for every symmetric copy."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
+                 product_channels: int = 4, invariant_dim: int = 32, head_hidden: int = 64, out_dim: int = 1):
+        super().__init__()
+        self.encoder = TransformerNFNEncoder(in_channels, channels, n_layers, hidden, product_channels)
+        self.pool = InvariantLayer(channels, invariant_dim)
+        self.head = nn.Sequential(nn.Linear(self.pool.out_dim, head_hidden), nn.ReLU(), nn.Linear(head_hidden, out_dim))
+
+    def features(self, ws: WeightSpace) -> torch.Tensor:
+        return self.pool(self.encoder(ws))
+
+    def forward(self, ws: WeightSpace) -> torch.Tensor:
+        return self.head(self.features(ws))
