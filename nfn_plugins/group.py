@@ -89,8 +89,11 @@ class GroupElement:
     # -- action ----------------------------------------------------------------------------------
     def act(self, ws: WeightSpace) -> WeightSpace:
         """The transformed weight space (same batch dims); the model it describes computes the same function."""
-        if ws.spec != self.spec:
-            raise ValueError("group element and weight space belong to different architectures")
+        if replace(ws.spec, tensors=()) != replace(self.spec, tensors=()):
+            raise ValueError(
+                f"group element of {self.spec.family} (D={self.spec.d_model}, {self.spec.n_blocks} blocks) cannot act "
+                f"on a weight space of {ws.spec.family} (D={ws.spec.d_model}, {ws.spec.n_blocks} blocks)"
+            )
         return WeightSpace(ws.spec, {t.name: self._act_tensor(ws[t.name], t.axes, t.block) for t in ws.spec.tensors})
 
     def _act_tensor(self, x: torch.Tensor, axes, block: bool) -> torch.Tensor:

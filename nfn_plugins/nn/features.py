@@ -9,8 +9,12 @@ Input tensors have batch dims [B, C]; block tensors then have the block axis L.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import NamedTuple
+
 import torch
 
+from ..spec import TensorSpec
 from ..weight_space import WeightSpace
 
 STREAM_FEATURES = (
@@ -41,52 +45,51 @@ def _zeros_like_stream(ws: WeightSpace) -> torch.Tensor:
     return q.new_zeros(q.shape[:3] + (ws.spec.d_model,))
 
 
-def stream_features(ws: WeightSpace) -> torch.Tensor:
-    """[B, C, L, D, len(STREAM_FEATURES)]: per block, per stream coordinate."""
+class BlockFeatures(NamedTuple):
+    stream: torch.Tensor  # [B, C, L, D, len(STREAM_FEATURES)]
+    unit: torch.Tensor  # [B, C, L, A, len(UNIT_FEATURES)]
+    head: torch.Tensor  # [B, C, L, H, len(HEAD_FEATURES)]
+
+
+def block_features(ws: WeightSpace) -> BlockFeatures:
+    """Per-block invariant features by stream coordinate, MLP unit and head (each product computed once)."""
     spec, g = ws.spec, ws.spec.group_size
     q, o = ws["q"], ws["o"]
     k, v = expand_kv(ws["k"], g), expand_kv(ws["v"], g)
-    zero = _zeros_like_stream(ws)
-    f = {
-        "qk_diag": (q * k).sum(-1).mean(3),
-        "vo_diag": (v * o.transpose(-1, -2)).sum(-1).mean(3),
-    }
-    f["bq_k"] = torch.einsum("bclha,bclhia->bcli", ws["q_bias"], k) / spec.n_heads if "q_bias" in ws else zero
+    zero_d = _zeros_like_stream(ws)
+    zero_a = q.new_zeros(q.shape[:3] + (spec.mlp_width,))
+    qk = (q * k).sum(-1)  # diag(q_h k_h^T): [B, C, L, H, D]
+    vo = (v * o.transpose(-1, -2)).sum(-1)  # diag(v_h o_h)
+    f = {"qk_diag": qk.mean(3), "vo_diag": vo.mean(3)}
+    f["bq_k"] = torch.einsum("bclha,bclhia->bcli", ws["q_bias"], k) / spec.n_heads if "q_bias" in ws else zero_d
     f["q_bk"] = (
-        torch.einsum("bclhia,bclha->bcli", q, expand_kv(ws["k_bias"], g)) / spec.n_heads if "k_bias" in ws else zero
+        torch.einsum("bclhia,bclha->bcli", q, expand_kv(ws["k_bias"], g)) / spec.n_heads if "k_bias" in ws else zero_d
     )
     f["bv_o"] = (
-        torch.einsum("bclha,bclhai->bcli", expand_kv(ws["v_bias"], g), o) / spec.n_heads if "v_bias" in ws else zero
+        torch.einsum("bclha,bclhai->bcli", expand_kv(ws["v_bias"], g), o) / spec.n_heads if "v_bias" in ws else zero_d
     )
-    up, down = ws["up"], ws["down"]
-    f.update(up_mean=up.mean(-1), up_sq=up.square().mean(-1), down_mean=down.mean(-2), down_sq=down.square().mean(-2))
-    f["up_down"] = (up * down.transpose(-1, -2)).mean(-1)
-    f["gate_mean"] = ws["gate"].mean(-1) if "gate" in ws else zero
-    f["gate_sq"] = ws["gate"].square().mean(-1) if "gate" in ws else zero
+    u: dict[str, torch.Tensor] = {}
+    for name, unit_dim in (("up", -1), ("gate", -1), ("down", -2)):  # the axis of MLP units
+        if name not in ws:
+            f[f"{name}_mean"] = f[f"{name}_sq"] = zero_d
+            u[f"{name}_mean"] = u[f"{name}_sq"] = zero_a
+            continue
+        x = ws[name]
+        sq = x.square()
+        stream_dim = -2 if unit_dim == -1 else -1
+        f[f"{name}_mean"], f[f"{name}_sq"] = x.mean(unit_dim), sq.mean(unit_dim)
+        u[f"{name}_mean"], u[f"{name}_sq"] = x.mean(stream_dim), sq.mean(stream_dim)
+    up_down = ws["up"] * ws["down"].transpose(-1, -2)  # unit j's read-write product, scale-invariant
+    f["up_down"], u["up_down"] = up_down.mean(-1), up_down.mean(-2)
     for name in ("o_bias", "down_bias", "norm1_weight", "norm1_bias", "norm2_weight", "norm2_bias"):
-        f[name] = ws[name] if name in ws else zero
-    return torch.stack([f[n] for n in STREAM_FEATURES], dim=-1)
-
-
-def unit_features(ws: WeightSpace) -> torch.Tensor:
-    """[B, C, L, A, len(UNIT_FEATURES)]: per block, per MLP hidden unit."""
-    up, down = ws["up"], ws["down"]
-    zero = up.new_zeros(up.shape[:3] + (ws.spec.mlp_width,))
-    f = dict(up_mean=up.mean(-2), up_sq=up.square().mean(-2), down_mean=down.mean(-1), down_sq=down.square().mean(-1))
-    f["up_down"] = (up * down.transpose(-1, -2)).mean(-2)
-    f["gate_mean"] = ws["gate"].mean(-2) if "gate" in ws else zero
-    f["gate_sq"] = ws["gate"].square().mean(-2) if "gate" in ws else zero
-    f["up_bias"] = ws["up_bias"] if "up_bias" in ws else zero
-    f["gate_bias"] = ws["gate_bias"] if "gate_bias" in ws else zero
-    return torch.stack([f[n] for n in UNIT_FEATURES], dim=-1)
-
-
-def head_features(ws: WeightSpace) -> torch.Tensor:
-    """[B, C, L, H, len(HEAD_FEATURES)]: tr(q k^T)/D and tr(v o)/D per query head (GL-invariant)."""
-    g = ws.spec.group_size
-    q, o = ws["q"], ws["o"]
-    k, v = expand_kv(ws["k"], g), expand_kv(ws["v"], g)
-    return torch.stack([(q * k).sum(-1).mean(-1), (v * o.transpose(-1, -2)).sum(-1).mean(-1)], dim=-1)
+        f[name] = ws[name] if name in ws else zero_d
+    for name in ("up_bias", "gate_bias"):
+        u[name] = ws[name] if name in ws else zero_a
+    return BlockFeatures(
+        stream=torch.stack([f[n] for n in STREAM_FEATURES], dim=-1),
+        unit=torch.stack([u[n] for n in UNIT_FEATURES], dim=-1),
+        head=torch.stack([qk.mean(-1), vo.mean(-1)], dim=-1),
+    )
 
 
 def stream_axis(axes) -> int | None:
@@ -137,3 +140,33 @@ def global_features(ws: WeightSpace) -> torch.Tensor:
         pooled("bias", lambda r: r),
     ]
     return torch.stack(f, dim=-1)
+
+
+def summarize_outer(ws: WeightSpace) -> WeightSpace:
+    """Replace each non-block tensor by per-stream-coordinate statistics over its free axes.
+
+    Embedding tables and LM heads are most of a model's weights (70% of MiniLM) but carry no symmetry
+    beyond the stream's; their mean and RMS over the vocabulary (or classes, positions, pixels) are
+    D-vectors that move with the stream, so the NFN reads them at the cost of a D-vector. Tensors
+    with no stream axis become [mean, rms]. Batch dims must be [B, C].
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    specs: list[TensorSpec] = []
+    d = ws.spec.d_model
+    for t in ws.spec.tensors:
+        ax = stream_axis(t.axes)
+        if t.block or (t.ndim == 1 and ax is not None):
+            tensors[t.name] = ws[t.name]
+            specs.append(t)
+            continue
+        if ax is None:
+            flat = ws[t.name].flatten(2)
+            stats = torch.stack([flat.mean(-1), (flat.square().mean(-1) + 1e-12).sqrt()], -1)
+            tensors[f"{t.name}:stats"] = stats
+            specs.append(TensorSpec(f"{t.name}:stats", (None,), (2,), False, "free"))
+            continue
+        rows = outer_stream_rows(ws, t.name)
+        for stat, value in (("mean", rows.mean(-2)), ("rms", (rows.square().mean(-2) + 1e-12).sqrt())):
+            tensors[f"{t.name}:{stat}"] = value
+            specs.append(TensorSpec(f"{t.name}:{stat}", (t.axes[ax],), (d,), False, t.role))
+    return WeightSpace(replace(ws.spec, tensors=tuple(specs)), tensors)

@@ -26,15 +26,13 @@ from .features import (
     HEAD_FEATURES,
     STREAM_FEATURES,
     UNIT_FEATURES,
+    block_features,
     expand_kv,
     global_features,
     group_mean,
-    head_features,
     outer_kind,
     outer_stream_rows,
     stream_axis,
-    stream_features,
-    unit_features,
 )
 
 GL_TENSORS = ("q", "k", "v", "o")
@@ -51,12 +49,15 @@ STREAM_USES = (
 )  # fmt: skip
 UNIT_USES = (*MLP_MATRICES, *MLP_BIASES)
 HEAD_USES = (*GL_TENSORS, *GL_BIASES)
-VIEWS = {"q": 5, "k": 5, "v": 5, "o": 4, "q_bias": 3, "k_bias": 3, "v_bias": 3}  # see EquivariantLayer.forward
+# Mixing views per GL tensor: identity, stream-modulated, stream-mean broadcast, head-modulated, bias source.
+VIEWS = {"q": 5, "k": 5, "v": 5, "o": 4, "q_bias": 3, "k_bias": 3, "v_bias": 3}
 
 
 def mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Channel mixing [B, C_in, ...] -> [B, C_out, ...]: the one linear map every symmetry commutes with."""
-    return torch.einsum("bc...,oc->bo...", x, weight)
+    b, c = x.shape[:2]
+    out = torch.bmm(weight.expand(b, -1, -1), x.reshape(b, c, -1))  # bmm: no transposed copy of x
+    return out.reshape((b, weight.shape[0]) + x.shape[2:])
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +101,24 @@ class EquivariantLayer(nn.Module):
     def _views(self, ws: WeightSpace, name: str) -> list[torch.Tensor]:
         return list(mix(ws[name], self.mix[name]).chunk(VIEWS.get(name, 1), dim=1))
 
+    def _gl_update(self, x: torch.Tensor, name: str, s_mod: torch.Tensor, s_bc: torch.Tensor,
+                   s_in: torch.Tensor | None, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Linear part of the update of a GL tensor (q, k, v: stream rows; o: stream columns).
+
+        Returns the update and, if ``s_in`` is given, the stream-weighted mean of its rows (for the bias).
+        """
+        stream_dim = -1 if name == "o" else -2
+        w = self.mix[name].view(VIEWS[name], self.c_out, self.c_in)
+        b, c, n_blocks, n_heads = x.shape[:4]
+        w_eff = w[0] + hs.permute(0, 2, 3, 1).unsqueeze(-1) * w[3]  # per-head mixing [B, L, H, co, c]
+        y = (w_eff @ x.movedim(1, 3).reshape(b, n_blocks, n_heads, c, -1)).unflatten(-1, x.shape[4:]).movedim(3, 1)
+        along = (lambda v: v[:, :, :, None, None, :]) if name == "o" else (lambda v: v[:, :, :, None, :, None])
+        y = y + along(s_mod) * mix(x, w[1]) + along(s_bc) * mix(x.mean(stream_dim, keepdim=True), w[2])
+        if s_in is None:
+            return y, None
+        rows = torch.einsum("boli,bclhia->boclha", s_in, x) / x.shape[-2]
+        return y, torch.einsum("boclha,oc->bolha", rows, w[4])
+
     def _products(self, ws: WeightSpace) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """GL-equivariant cubic terms (QK q, VO q, ...) on ``p`` projected channels, and the norms used."""
         g = ws.spec.group_size
@@ -123,38 +142,34 @@ class EquivariantLayer(nn.Module):
         if len(ws.batch_shape) != 2 or ws.batch_shape[1] != self.c_in:
             raise ValueError(f"expected batch dims [B, {self.c_in}], got {ws.batch_shape}")
         g, L, co = spec.group_size, spec.n_blocks, self.c_out
-        S, G = stream_features(ws), global_features(ws)
+        feats, G = block_features(ws), global_features(ws)
+        S = feats.stream
         s_in = torch.cat([_channels_last(S), _channels_last(S.mean(2, keepdim=True).expand_as(S)),
                           _channels_last(G).unsqueeze(1).expand(-1, L, -1, -1)], -1)
         s = _uses(self.stream_ctx(s_in), STREAM_USES, co)  # each [B, co, L, D]
-        u = _uses(self.unit_ctx(_channels_last(unit_features(ws))), UNIT_USES, co)  # [B, co, L, A]
+        u = _uses(self.unit_ctx(_channels_last(feats.unit)), UNIT_USES, co)  # [B, co, L, A]
         prods, norms = self._products(ws)
-        h_in = torch.cat([_channels_last(head_features(ws)), _channels_last(norms)], -1)
+        h_in = torch.cat([_channels_last(feats.head), _channels_last(norms)], -1)
         h = _uses(self.head_ctx(h_in), HEAD_USES, co)  # [B, co, L, H]
         glob = _uses(self.global_ctx(torch.cat([_channels_last(S.mean(2)), _channels_last(G)], -1)), OUTER_KINDS, co)
 
         out: dict[str, torch.Tensor] = {}
-        for t in ("q", "k", "v"):
-            ident, smod, bc, hmod, rows = self._views(ws, t)
-            hs = h[t] if t == "q" else group_mean(h[t].unsqueeze(-1), g).squeeze(-1)
-            col = lambda x: x[:, :, :, None, :, None]  # noqa: E731  stream vector along rows
-            y = ident + col(s[f"{t}_mod"]) * smod + col(s[f"{t}_bc"]) * bc.mean(-2, keepdim=True)
-            y = y + hs[..., None, None] * hmod + prods[t]
-            if f"{t}_bias" in ws:
-                b_id, b_h, b_outer = self._views(ws, f"{t}_bias")
-                y = y + col(s[f"{t}_bias_outer"]) * b_outer.unsqueeze(-2)
-                hb = h[f"{t}_bias"] if t == "q" else group_mean(h[f"{t}_bias"].unsqueeze(-1), g).squeeze(-1)
-                out[f"{t}_bias"] = b_id + hb[..., None] * b_h + (col(s[f"{t}_bias_in"]) * rows).mean(-2)
-            out[t] = y
-        ident, smod, bc, hmod = self._views(ws, "o")
-        row = lambda x: x[:, :, :, None, None, :]  # noqa: E731  stream vector along columns
-        out["o"] = ident + row(s["o_mod"]) * smod + row(s["o_bc"]) * bc.mean(-1, keepdim=True)
-        out["o"] = out["o"] + h["o"][..., None, None] * hmod + prods["o"]
+        for t in GL_TENSORS:
+            hs = h[t] if t in ("q", "o") else group_mean(h[t].unsqueeze(-1), g).squeeze(-1)
+            bias = f"{t}_bias" if t != "o" else None  # o_bias lives on the stream, not on a head
+            s_in = s[f"{bias}_in"] if bias in ws else None
+            out[t], rows = self._gl_update(ws[t], t, s[f"{t}_mod"], s[f"{t}_bc"], s_in, hs)
+            out[t] = out[t] + prods[t]
+            if s_in is not None:
+                b_id, b_h, b_outer = self._views(ws, bias)
+                out[t] = out[t] + s[f"{bias}_outer"][:, :, :, None, :, None] * b_outer.unsqueeze(-2)
+                hb = h[bias] if t == "q" else group_mean(h[bias].unsqueeze(-1), g).squeeze(-1)
+                out[bias] = b_id + hb[..., None] * b_h + rows
 
-        for t in ("up", "gate"):
+        for t in ("up", "gate"):  # in-place adds: these are the largest tensors
             if t in ws:
-                out[t] = mix(ws[t], self.mix[t]) + s[t][..., :, None] + u[t][..., None, :]
-        out["down"] = mix(ws["down"], self.mix["down"]) + u["down"][..., :, None] + s["down"][..., None, :]
+                out[t] = mix(ws[t], self.mix[t]).add_(s[t][..., :, None]).add_(u[t][..., None, :])
+        out["down"] = mix(ws["down"], self.mix["down"]).add_(u["down"][..., :, None]).add_(s["down"][..., None, :])
         for t in MLP_BIASES:
             if t in ws:
                 out[t] = mix(ws[t], self.mix[t]) + u[t]
@@ -204,7 +219,7 @@ class InvariantLayer(nn.Module):
             return [x.mean(dim), (x.square().mean(dim) + 1e-12).sqrt()]
 
         per_block = torch.cat(
-            [_channels_last(f) for x in (stream_features(ws), unit_features(ws), head_features(ws)) for f in mean_rms(x, 3)],
+            [_channels_last(f) for x in block_features(ws) for f in mean_rms(x, 3)],
             -1,
         )  # [B, L, C * n_block]
         z = self.block(per_block)

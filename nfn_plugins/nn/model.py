@@ -6,11 +6,16 @@ import torch
 from torch import nn
 
 from ..weight_space import WeightSpace
+from .features import summarize_outer
 from .layers import EquivariantLayer, EquivariantReLU, InvariantLayer
 
 
 class TransformerNFNEncoder(nn.Module):
-    """A stack of equivariant layers (with equivariant ReLUs between): weight space -> weight space."""
+    """A stack of equivariant layers (with equivariant ReLUs between): weight space -> weight space.
+
+    The output has every block tensor of the input; non-block tensors come out as the per-stream
+    statistics of `summarize_outer` (embedding tables are too large to carry through 16 channels).
+    """
 
     def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
                  product_channels: int = 4, final_activation: bool = True):
@@ -22,6 +27,7 @@ class TransformerNFNEncoder(nn.Module):
         self.out_channels = dims[-1]
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
+        ws = summarize_outer(ws)
         for i, layer in enumerate(self.layers):
             ws = layer(ws)
             if i < len(self.layers) - 1 or self.final_activation:

@@ -1,0 +1,38 @@
+"""Baselines our Transformer-NFN is benchmarked against (all `nn.Module`s taking WeightSpace batches).
+
+- `PaperTransformerNFN`: the Transformer-NFN paper's own layer scheme (one fixed architecture,
+  width-specific tensors, parameters growing as D^3).
+- `StatNN` / `statnn_features` / `fit_gbt`: per-tensor weight statistics (Unterthiner et al. 2020) with
+  an MLP head or gradient-boosted trees (scikit-learn, optional).
+- `FlatMLP`: the flattened weights (optionally a fixed random subset) into an MLP.
+"""
+
+from .flat import FlatMLP
+from .paper_nfn import PaperEquivariantLayer, PaperInvariantLayer, PaperTransformerNFN
+from .statnn import (
+    STATISTICS,
+    StatNN,
+    Standardizer,
+    fit_gbt,
+    make_gbt,
+    predict_gbt,
+    statnn_feature_names,
+    statnn_features,
+    tensor_statistics,
+)
+
+__all__ = [
+    "STATISTICS",
+    "FlatMLP",
+    "PaperEquivariantLayer",
+    "PaperInvariantLayer",
+    "PaperTransformerNFN",
+    "StatNN",
+    "Standardizer",
+    "fit_gbt",
+    "make_gbt",
+    "predict_gbt",
+    "statnn_feature_names",
+    "statnn_features",
+    "tensor_statistics",
+]

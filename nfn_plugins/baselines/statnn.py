@@ -1,0 +1,209 @@
+"""STATNN baseline: per-tensor weight statistics -> MLP (or gradient-boosted trees).
+
+Why this exists: Unterthiner et al. 2020 ("Predicting Neural Network Accuracy from Weights") showed that
+a handful of statistics of each layer's weights (mean, variance and the 0/25/50/75/100% quantiles)
+predict a network's accuracy remarkably well; the Transformer-NFN paper reports it (and gradient-boosted
+trees on the same features) as its strongest non-equivariant baselines, so our benchmark includes both.
+
+The features are invariant to every permutation symmetry (statistics of a tensor ignore the order of
+its entries) but not to GL / scaling symmetries, and they see nothing of how tensors interact.
+
+Every tensor of the weight space contributes 7 numbers; with ``per_block=True`` (default, as the paper
+treats each layer separately) a block tensor contributes 7 per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..spec import WeightSpaceSpec
+from ..weight_space import WeightSpace
+
+STATISTICS = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
+_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def tensor_statistics(x: torch.Tensor) -> torch.Tensor:
+    """``x``: [N, n] -> [N, 7]: mean, (population) variance and quantiles 0/25/50/75/100 of each row.
+
+    Quantiles interpolate linearly like ``torch.quantile``, but via a sort, so there is no size limit
+    (``torch.quantile`` refuses inputs above 2^24 entries, e.g. a large embedding matrix).
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError("cannot compute statistics of an empty tensor")
+    mean = x.mean(-1)
+    var = x.var(-1, correction=0)
+    xs = torch.sort(x, dim=-1).values
+    pos = torch.tensor(_QUANTILES, dtype=x.dtype, device=x.device) * (n - 1)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    frac = pos - lo.to(x.dtype)
+    q = xs[..., lo] * (1 - frac) + xs[..., hi] * frac
+    return torch.cat([mean.unsqueeze(-1), var.unsqueeze(-1), q], dim=-1)
+
+
+def _batched(ws: WeightSpace) -> tuple[WeightSpace, int, tuple[int, ...]]:
+    """View ws with one flat batch dim N; returns (ws, B, trailing batch dims folded into features)."""
+    batch = ws.batch_shape
+    if len(batch) == 0:
+        ws, batch = ws.unsqueeze(0), (1,)
+    n = 1
+    for b in batch:
+        n *= b
+    flat = WeightSpace(ws.spec, {k: v.reshape(n, *ws.spec[k].shape) for k, v in ws.items()})
+    return flat, batch[0], tuple(batch[1:])
+
+
+def statnn_feature_names(spec: WeightSpaceSpec, per_block: bool = True) -> list[str]:
+    """Names of the columns of `statnn_features` (for one channel), e.g. ``"q[1].q75"``."""
+    names = []
+    for t in spec.tensors:
+        groups = [f"{t.name}[{i}]" for i in range(t.shape[0])] if (t.block and per_block) else [t.name]
+        names += [f"{g}.{s}" for g in groups for s in STATISTICS]
+    return names
+
+
+def statnn_features(ws: WeightSpace, per_block: bool = True, tensors: Sequence[str] | None = None) -> torch.Tensor:
+    """Statistics of every tensor of ``ws`` (batch dims [B]) -> [B, F], F = 7 x (number of tensors
+    (x blocks if ``per_block``)). A ws without batch dims gives [1, F]; batch dims [B, C] give
+    [B, C * F] (channel-major). ``tensors`` restricts to the named tensors (default: all, spec order).
+    """
+    flat, B, rest = _batched(ws)
+    names = list(tensors) if tensors is not None else list(ws.spec.names)
+    feats = []
+    for name in names:
+        t = ws.spec[name]
+        x = flat[name]
+        N = x.shape[0]
+        if t.block and per_block:
+            feats.append(tensor_statistics(x.reshape(N, t.shape[0], -1)).reshape(N, -1))
+        else:
+            feats.append(tensor_statistics(x.reshape(N, -1)))
+    out = torch.cat(feats, dim=-1)  # [N, F]
+    return out.reshape(B, -1)
+
+
+class Standardizer(nn.Module):
+    """Feature-wise (x - mean) / std with buffers; identity until `fit` is called. Features of raw
+    weights differ in scale by orders of magnitude (variances vs. extremes), so MLP baselines need this."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        x = x.to(self.mean.dtype)
+        std = x.std(0, correction=0) if x.shape[0] > 1 else torch.ones_like(self.std)
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def mlp(n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0) -> nn.Sequential:
+    """Linear-ReLU(-Dropout) stack ending in a Linear to ``n_out``."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(n_in, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        n_in = h
+    layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class StatNN(nn.Module):
+    """STATNN: `statnn_features` -> standardisation -> MLP -> [B, out_dim] (sigmoid by default, for
+    accuracies in [0, 1]). Call `fit_normalizer` on the training set before training.
+
+    Args:
+        spec: the weight space (only its tensor names and shapes matter: F is fixed by it).
+        hidden: widths of the MLP's hidden layers.
+        in_channels: channels C if the inputs have batch dims [B, C] (features are concatenated).
+    """
+
+    def __init__(
+        self,
+        spec: WeightSpaceSpec,
+        hidden: Sequence[int] = (64, 64),
+        out_dim: int = 1,
+        per_block: bool = True,
+        in_channels: int = 1,
+        dropout: float = 0.0,
+        sigmoid: bool = True,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.per_block = per_block
+        self.n_features = len(statnn_feature_names(spec, per_block)) * in_channels
+        self.normalizer = Standardizer(self.n_features)
+        self.mlp = mlp(self.n_features, hidden, out_dim, dropout)
+        self.sigmoid = sigmoid
+
+    def features(self, ws: WeightSpace) -> torch.Tensor:
+        if ws.spec.names != self.spec.names or any(ws.spec[n].shape != self.spec[n].shape for n in self.spec.names):
+            raise ValueError("StatNN was built for a different weight space (tensor names or shapes differ)")
+        x = statnn_features(ws, self.per_block)
+        if x.shape[-1] != self.n_features:
+            raise ValueError(f"got {x.shape[-1]} features, expected {self.n_features} (check in_channels)")
+        return x.to(self.normalizer.mean.dtype)
+
+    def fit_normalizer(self, data: WeightSpace | torch.Tensor) -> None:
+        """Set the feature mean/std from a training batch (a WeightSpace or precomputed features)."""
+        self.normalizer.fit(self.features(data) if isinstance(data, WeightSpace) else data)
+
+    def forward(self, ws: WeightSpace | torch.Tensor) -> torch.Tensor:
+        """``ws``: a WeightSpace batch, or precomputed `statnn_features` [B, F] (cheaper when training)."""
+        x = self.features(ws) if isinstance(ws, WeightSpace) else ws.to(self.normalizer.mean.dtype)
+        y = self.mlp(self.normalizer(x))
+        return torch.sigmoid(y) if self.sigmoid else y
+
+
+# -- gradient-boosted trees on the same features ------------------------------------------------
+def _sklearn_ensemble():
+    try:
+        from sklearn import ensemble
+    except ImportError as e:  # optional dependency
+        raise ImportError(
+            "gradient-boosted trees need scikit-learn, which nfn-plugins does not require: pip install scikit-learn"
+        ) from e
+    return ensemble
+
+
+def make_gbt(kind: str = "hist", **kwargs):
+    """An unfitted scikit-learn gradient-boosting regressor: ``kind="hist"`` (HistGradientBoostingRegressor,
+    fast on many samples) or ``"gbr"`` (GradientBoostingRegressor). ``kwargs`` go to its constructor."""
+    ensemble = _sklearn_ensemble()
+    if kind == "hist":
+        return ensemble.HistGradientBoostingRegressor(**kwargs)
+    if kind == "gbr":
+        return ensemble.GradientBoostingRegressor(**kwargs)
+    raise ValueError(f"kind must be 'hist' or 'gbr', got {kind!r}")
+
+
+def _as_numpy_features(data: WeightSpace | torch.Tensor, per_block: bool):
+    x = statnn_features(data, per_block) if isinstance(data, WeightSpace) else data
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def fit_gbt(data: WeightSpace | torch.Tensor, targets, kind: str = "hist", per_block: bool = True, **kwargs):
+    """Fit gradient-boosted trees on STATNN features of ``data`` (WeightSpace batch or features [N, F])
+    to ``targets`` [N]; returns the fitted regressor (use `predict_gbt`)."""
+    model = make_gbt(kind, **kwargs)
+    y = targets.detach().cpu().double().reshape(-1).numpy() if isinstance(targets, torch.Tensor) else targets
+    model.fit(_as_numpy_features(data, per_block), y)
+    return model
+
+
+def predict_gbt(model, data: WeightSpace | torch.Tensor, per_block: bool = True) -> torch.Tensor:
+    """Predictions [N] (float64) of a fitted regressor on a WeightSpace batch or features [N, F]."""
+    return torch.as_tensor(model.predict(_as_numpy_features(data, per_block)), dtype=torch.float64)
