@@ -144,3 +144,17 @@ def test_bad_channel_count_is_a_clear_error():
     ws = _batch("bert", c=3)
     with pytest.raises(ValueError, match=r"expected batch dims \[B, 2\]"):
         EquivariantLayer(2, 4)(ws)
+
+
+def test_scale_normalisation_is_equivariant_and_keeps_log_scales_invariant():
+    from nfn_plugins.nn.normalize import normalize_scales
+
+    ws = summarize_outer(_batch("qwen2"))
+    g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(6), unit_scales=False)
+    normed, logs = normalize_scales(ws)
+    normed_moved, logs_moved = normalize_scales(g.act(ws))
+    assert _max_rel(normed_moved, g.act(normed)) < TOL
+    assert _rel(logs_moved, logs) < TOL
+    doubled, logs_doubled = normalize_scales(ws.map(lambda x: 2 * x))
+    assert _max_rel(doubled, normed) < TOL  # magnitude goes to the log-scales only
+    assert torch.allclose(logs_doubled[logs != 0], logs[logs != 0] + torch.log(torch.tensor(2.0, dtype=torch.float64)))

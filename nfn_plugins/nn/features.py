@@ -147,7 +147,7 @@ def summarize_outer(ws: WeightSpace) -> WeightSpace:
 
     Embedding tables and LM heads are most of a model's weights (70% of MiniLM) but carry no symmetry
     beyond the stream's; their mean and RMS over the vocabulary (or classes, positions, pixels) are
-    D-vectors that move with the stream, so the NFN reads them at the cost of a D-vector. Tensors
+    D-vectors that move with the stream, so the NFN reads them at the cost of a D-vector. Larger tensors
     with no stream axis become [mean, rms]. Batch dims must be [B, C].
     """
     tensors: dict[str, torch.Tensor] = {}
@@ -155,7 +155,7 @@ def summarize_outer(ws: WeightSpace) -> WeightSpace:
     d = ws.spec.d_model
     for t in ws.spec.tensors:
         ax = stream_axis(t.axes)
-        if t.block or (t.ndim == 1 and ax is not None):
+        if t.block or t.ndim == 1:  # already small (this also makes the summary idempotent)
             tensors[t.name] = ws[t.name]
             specs.append(t)
             continue

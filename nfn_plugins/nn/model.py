@@ -8,6 +8,7 @@ from torch import nn
 from ..weight_space import WeightSpace
 from .features import summarize_outer
 from .layers import EquivariantLayer, EquivariantReLU, InvariantLayer
+from .normalize import SCALE_SLOTS, normalize_scales
 
 
 class TransformerNFNEncoder(nn.Module):
@@ -36,17 +37,24 @@ class TransformerNFNEncoder(nn.Module):
 
 
 class TransformerNFN(nn.Module):
-    """Invariant Transformer-NFN: weight space [B, C_in] -> [B, out_dim], same output for every symmetric copy."""
+    """Invariant Transformer-NFN: weight space [B, C_in] -> [B, out_dim], same output for every symmetric copy.
+
+    Inputs are rescaled per tensor by invariant scalars (`normalize_scales`); their logs join the pooled
+    features, so the network sees magnitudes without being dominated by them.
+    """
 
     def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
                  product_channels: int = 4, invariant_dim: int = 32, head_hidden: int = 64, out_dim: int = 1):
         super().__init__()
         self.encoder = TransformerNFNEncoder(in_channels, channels, n_layers, hidden, product_channels)
         self.pool = InvariantLayer(channels, invariant_dim)
-        self.head = nn.Sequential(nn.Linear(self.pool.out_dim, head_hidden), nn.ReLU(), nn.Linear(head_hidden, out_dim))
+        self.feature_dim = self.pool.out_dim + in_channels * len(SCALE_SLOTS)
+        self.head = nn.Sequential(nn.Linear(self.feature_dim, head_hidden), nn.ReLU(), nn.Linear(head_hidden, out_dim))
 
     def features(self, ws: WeightSpace) -> torch.Tensor:
-        return self.pool(self.encoder(ws))
+        """[B, feature_dim] invariant features: pooled NFN output and the inputs' log-scales."""
+        ws, log_scales = normalize_scales(summarize_outer(ws))
+        return torch.cat([self.pool(self.encoder(ws)), log_scales.flatten(1)], -1)
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
         return self.head(self.features(ws))
