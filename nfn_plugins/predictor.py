@@ -1,0 +1,215 @@
+"""`AccuracyPredictor`: a trained network's test accuracy, predicted from its weights alone.
+
+Invariant Transformer-NFN features + a small head, trained with binary cross-entropy on accuracies in
+[0, 1] (as in the paper). Symmetric copies of a network get the same prediction by construction; the
+symmetries the NFN does not build in (MLP-unit scales, RMSNorm stream signs) can be taught by
+augmentation with random group elements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .extract import extract_weights
+from .group import SymmetryGroup
+from .metrics import regression_report
+from .nn import TransformerNFN
+from .weight_space import WeightSpace
+
+FORMAT = "nfn-plugins-accuracy-predictor/1"
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+Group = tuple[WeightSpace, torch.Tensor]  # weight spaces [N] of one architecture, labels [N]
+
+
+@dataclass
+class PredictorConfig:
+    channels: int = 16
+    n_layers: int = 2
+    hidden: int = 32
+    product_channels: int = 4
+    invariant_dim: int = 32
+    head_hidden: int = 64
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.1
+    augment: bool = True  # random group elements (incl. the unit scales the NFN does not build in)
+    seed: int = 0
+
+
+def as_groups(data) -> list[Group]:
+    """Training data as one (weights, labels) pair per architecture.
+
+    Accepts a `nfn_plugins.zoo.Zoo` (label: test accuracy), a ``(WeightSpace [N], labels [N])`` pair, or a
+    list of such pairs.
+    """
+    if hasattr(data, "by_arch") and hasattr(data, "labels"):
+        return [(z.weights(), z.labels()) for z in data.by_arch().values() if len(z)]
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], WeightSpace):
+        data = [data]
+    groups = []
+    for ws, y in data:
+        y = torch.as_tensor(y, dtype=torch.float32).flatten()
+        if len(ws.batch_shape) != 1 or ws.batch_shape[0] != len(y):
+            raise ValueError(f"weights with batch shape {ws.batch_shape} do not match {len(y)} labels")
+        if not torch.isfinite(y).all() or (y < 0).any() or (y > 1).any():
+            raise ValueError("labels must be finite accuracies in [0, 1]")
+        groups.append((ws, y))
+    if not groups:
+        raise ValueError("no training data")
+    return groups
+
+
+class AccuracyPredictor(nn.Module):
+    """Predicts accuracy in [0, 1] from weights; one instance handles any width, depth and supported family."""
+
+    def __init__(self, config: PredictorConfig | None = None):
+        super().__init__()
+        self.config = config or PredictorConfig()
+        c = self.config
+        self.nfn = TransformerNFN(in_channels=1, channels=c.channels, n_layers=c.n_layers, hidden=c.hidden,
+                                  product_channels=c.product_channels, invariant_dim=c.invariant_dim,
+                                  head_hidden=c.head_hidden, out_dim=1)
+        self.meta: dict = {}
+
+    def forward(self, ws: WeightSpace) -> torch.Tensor:
+        """Logits [B] for weight spaces with batch dims [B] or [B, 1]."""
+        if len(ws.batch_shape) == 1:
+            ws = ws.unsqueeze(1)
+        return self.nfn(ws).squeeze(-1)
+
+    @torch.no_grad()
+    def predict(self, x, batch_size: int = 64) -> torch.Tensor:
+        """Predicted accuracies for a model, a `WeightSpace` (unbatched or [N]) or a zoo (one per record)."""
+        if isinstance(x, nn.Module):
+            x = extract_weights(x)
+        if hasattr(x, "by_arch"):
+            preds = torch.empty(len(x))
+            index = {id(r): i for i, r in enumerate(x.records)}
+            for sub in x.by_arch().values():
+                p = self.predict(sub.weights(), batch_size)
+                preds[torch.tensor([index[id(r)] for r in sub.records])] = p
+            return preds
+        if not isinstance(x, WeightSpace):
+            raise TypeError(f"predict takes an nn.Module, a WeightSpace or a Zoo, not {type(x).__name__}")
+        single = x.batch_shape == ()
+        ws = x.unsqueeze(0) if single else x
+        dtype = next(self.parameters()).dtype
+        was_training = self.training
+        self.eval()
+        out = torch.cat([torch.sigmoid(self(ws.map(lambda t: t[i : i + batch_size].to(dtype))))
+                         for i in range(0, ws.batch_shape[0], batch_size)])
+        self.train(was_training)
+        return out[0] if single else out
+
+    def evaluate(self, data) -> dict[str, float]:
+        """Kendall's tau, R^2 and L1 error on held-out data (a Zoo or (weights, labels) pairs)."""
+        groups = as_groups(data)
+        pred = torch.cat([self.predict(ws) for ws, _ in groups])
+        return regression_report(pred, torch.cat([y for _, y in groups]))
+
+    def fit(self, train, val=None, config: FitConfig | None = None, accelerator=None, progress: bool = True) -> list[dict]:
+        """Train on ``train``; report validation metrics per epoch. Returns the history.
+
+        With an `accelerate.Accelerator` (e.g. under ``accelerate launch``), each process takes every
+        world_size-th mini-batch and gradients are averaged (the NFN leaves parameters unused for tensors a
+        family lacks: create the Accelerator with ``DistributedDataParallelKwargs(find_unused_parameters=True)``).
+        """
+        cfg = config or FitConfig()
+        groups = as_groups(train)
+        val_groups = as_groups(val) if val is not None else None
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        opt = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        steps_per_epoch = sum(math.ceil(len(y) / cfg.batch_size) for _, y in groups) // world
+        total = max(1, steps_per_epoch * cfg.epochs)
+        warmup = max(1, int(cfg.warmup_fraction * total))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        model = self
+        if accelerator is not None:
+            model, opt = accelerator.prepare(self, opt)
+        groups_of = {id(ws.spec): SymmetryGroup(ws.spec) for ws, _ in groups}
+        history = []
+        for epoch in range(cfg.epochs):
+            start, losses = time.perf_counter(), []
+            batches = [(gi, idx) for gi, (_, y) in enumerate(groups)
+                       for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size)]
+            order = torch.randperm(len(batches), generator=gen).tolist()
+            mine = [batches[i] for i in order][rank::world][:steps_per_epoch]
+            self.train()
+            for gi, idx in mine:
+                ws, y = groups[gi]
+                xb = ws.map(lambda t: t[idx].float())
+                if cfg.augment:
+                    xb = groups_of[id(ws.spec)].sample(gen, dtype=torch.float32).act(xb)
+                logits = model(xb)
+                loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
+                opt.zero_grad()
+                (accelerator.backward(loss) if accelerator else loss.backward())
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+            row = {"epoch": epoch + 1, "train_bce": sum(losses) / max(1, len(losses)),
+                   "seconds": time.perf_counter() - start}
+            if val_groups is not None:
+                row.update({f"val_{k}": v for k, v in self.evaluate(val_groups).items()})
+            history.append(row)
+            if progress and rank == 0:
+                print("[predictor] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in row.items()), flush=True)
+        return history
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, **meta) -> None:
+        """safetensors weights + JSON config (written atomically)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().float() for k, v in self.state_dict().items()}
+        tmp = d / ".model.safetensors.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, d / "model.safetensors")
+        config = {"format": FORMAT, "config": asdict(self.config), "meta": {**self.meta, **meta}}
+        (d / ".config.json.tmp").write_text(json.dumps(config, indent=2))
+        os.replace(d / ".config.json.tmp", d / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike) -> "AccuracyPredictor":
+        """Load from a directory, or by the name of a predictor shipped with the package (see `available`)."""
+        from safetensors.torch import load_file
+
+        d = Path(name_or_dir)
+        if not (d / "config.json").exists():
+            d = PRETRAINED_DIR / str(name_or_dir)
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(
+                f"no predictor at {name_or_dir!r}: not a directory with config.json, and not a shipped name "
+                f"(shipped: {', '.join(cls.available()) or 'none'})")
+        config = json.loads((d / "config.json").read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{d / 'config.json'} is not an nfn-plugins accuracy predictor (format {config.get('format')!r})")
+        model = cls(PredictorConfig(**config["config"]))
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        model.meta = config.get("meta", {})
+        return model.eval()
+
+    @staticmethod
+    def available() -> list[str]:
+        return sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "config.json").exists())

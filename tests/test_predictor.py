@@ -1,0 +1,89 @@
+"""AccuracyPredictor: learns, is invariant, persists, and runs end to end on a tiny real zoo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from nfn_plugins import SymmetryGroup, WeightSpace, extract_weights
+from nfn_plugins.predictor import AccuracyPredictor, FitConfig, PredictorConfig, as_groups
+
+SMALL = PredictorConfig(channels=6, hidden=16, product_channels=2, invariant_dim=8, head_hidden=16)
+
+
+def _synthetic(n: int, d: int, seed: int) -> tuple[WeightSpace, torch.Tensor]:
+    """Tiny BERT weight spaces whose label is an invariant function of the weights (MLP weight scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = BertConfig(hidden_size=d, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * d,
+                     vocab_size=20, max_position_embeddings=8)
+    ws = extract_weights(BertForSequenceClassification(cfg))
+    scale = torch.rand(n, generator=gen) * 2 + 0.2
+    batch = ws.map(lambda x: torch.randn((n,) + x.shape, generator=gen) / d**0.5)
+    batch.tensors["up"] = batch["up"] * scale[:, None, None, None]
+    return batch, torch.sigmoid(2 * (scale - 1.2))
+
+
+def test_fit_learns_an_invariant_target():
+    train, val = _synthetic(96, 16, 0), _synthetic(48, 16, 1)
+    model = AccuracyPredictor(SMALL)
+    before = model.evaluate(val)["kendall_tau"]
+    history = model.fit(train, val, FitConfig(epochs=12, batch_size=16, lr=3e-3), progress=False)
+    assert history[-1]["train_bce"] < history[0]["train_bce"]
+    assert history[-1]["val_kendall_tau"] > 0.6 > before
+
+
+def test_prediction_is_invariant_and_width_agnostic():
+    model = AccuracyPredictor(SMALL).double()
+    for d in (16, 24):
+        ws, _ = _synthetic(3, d, 2)
+        ws = ws.double()
+        g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(d), unit_scales=False)
+        p, p_moved = model.predict(ws), model.predict(g.act(ws))
+        assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+        assert (p - p_moved).abs().max() < 1e-10
+
+
+def test_predict_accepts_models_and_single_weight_spaces():
+    model = AccuracyPredictor(SMALL)
+    net = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=32, vocab_size=20, max_position_embeddings=8))
+    p = model.predict(net)
+    assert p.shape == () and torch.allclose(p, model.predict(extract_weights(net)))
+    with pytest.raises(TypeError, match="nn.Module, a WeightSpace or a Zoo"):
+        model.predict([1, 2, 3])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = AccuracyPredictor(SMALL)
+    ws, _ = _synthetic(4, 16, 3)
+    model.save_pretrained(tmp_path / "p", trained_on="synthetic")
+    loaded = AccuracyPredictor.from_pretrained(tmp_path / "p")
+    assert torch.equal(loaded.predict(ws), model.predict(ws))
+    assert loaded.meta["trained_on"] == "synthetic"
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        AccuracyPredictor.from_pretrained("no-such-predictor")
+
+
+def test_bad_training_data_is_refused():
+    ws, y = _synthetic(4, 16, 4)
+    with pytest.raises(ValueError, match=r"accuracies in \[0, 1\]"):
+        as_groups((ws, y * 5))
+    with pytest.raises(ValueError, match="do not match"):
+        as_groups((ws, y[:3]))
+
+
+def test_end_to_end_on_a_tiny_real_zoo(tmp_path):
+    """Build a tiny MNIST zoo with the real builder, fit a predictor, predict a freshly trained model."""
+    zoo_mod = pytest.importorskip("nfn_plugins.zoo")
+    from nfn_plugins.zoo.presets import preset
+
+    cfg = preset("tiny")
+    zoo_mod.build_zoo(cfg, tmp_path / "zoo", progress=False)
+    zoo = zoo_mod.Zoo.open(tmp_path / "zoo")
+    train, val, _ = zoo.split((0.5, 0.25, 0.25))
+    model = AccuracyPredictor(SMALL)
+    history = model.fit(train, val, FitConfig(epochs=2, batch_size=4), progress=False)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["train_bce"])) for h in history)
+    preds = model.predict(zoo)
+    assert preds.shape == (len(zoo),) and ((preds >= 0) & (preds <= 1)).all()
