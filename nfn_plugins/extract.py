@@ -8,7 +8,8 @@ bit-exact.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +33,11 @@ class Binding:
     spec: WeightSpaceSpec
     block_params: list[_BlockParam]
     outer: dict[str, ParamHandle]
+    unmatched: list[ParamHandle] = field(default_factory=list)  # only with strict=False
+
+    @property
+    def block_handles(self) -> list[ParamHandle]:
+        return [h for bp in self.block_params for h in bp.handles]
 
     # -- canonical <-> stored conversions -------------------------------------------------------
     def _part_width(self, name: str) -> int:
@@ -71,29 +77,40 @@ class Binding:
         return w if layout in ("conv1d", "vector") else w.T
 
     # -- the two directions ----------------------------------------------------------------------
-    def read(self) -> WeightSpace:
+    def read(self, source: Callable[[ParamHandle], torch.Tensor] | None = None) -> WeightSpace:
+        """The canonical weight space of the parameters, or of any per-parameter tensors ``source(handle)``
+        in parameter layout (gradients, optimizer moments)."""
+        source = source or ParamHandle.read
         per_name: dict[str, list[torch.Tensor]] = {}
         for bp in self.block_params:
             for handle in bp.handles:
-                m = self._as_matrix(bp.rule.layout, handle.read())
+                m = self._as_matrix(bp.rule.layout, source(handle))
                 for part, x in zip(bp.rule.parts, self._split(m, bp.rule.parts)):
                     per_name.setdefault(part, []).append(self._to_canonical(part, x))
         tensors = {k: torch.stack(v).contiguous() for k, v in per_name.items()}
-        tensors.update({name: h.read().clone() for name, h in self.outer.items()})
+        tensors.update({name: source(h).clone() for name, h in self.outer.items()})
         return WeightSpace(self.spec, tensors)
 
-    def write(self, ws: WeightSpace) -> None:
-        if ws.spec != self.spec:
-            raise ValueError(_spec_difference(ws.spec, self.spec))
-        if ws.batch_shape:
-            raise ValueError(f"load_weights takes one weight space, got batch shape {ws.batch_shape}; index it first")
-        planned: list[tuple[ParamHandle, torch.Tensor]] = []
+    def to_parameters(self, ws: WeightSpace | dict[str, torch.Tensor],
+                      blocks_only: bool = False) -> list[tuple[ParamHandle, torch.Tensor]]:
+        """Canonical tensors back in parameter layout, one entry per parameter (the inverse of `read`).
+        With ``blocks_only`` a dict of the block tensors is enough."""
+        if isinstance(ws, WeightSpace) and ws.batch_shape:
+            raise ValueError(f"expected one weight space, got batch shape {ws.batch_shape}; index it first")
+        out: list[tuple[ParamHandle, torch.Tensor]] = []
         for bp in self.block_params:
             for i, handle in enumerate(bp.handles):
                 pieces = [self._from_canonical(p, ws[p][i]) for p in bp.rule.parts]
                 m = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-                planned.append((handle, self._as_matrix(bp.rule.layout, m)))
-        planned += [(h, ws[name]) for name, h in self.outer.items()]
+                out.append((handle, self._as_matrix(bp.rule.layout, m)))
+        if not blocks_only:
+            out += [(h, ws[name]) for name, h in self.outer.items()]
+        return out
+
+    def write(self, ws: WeightSpace) -> None:
+        if ws.spec != self.spec:
+            raise ValueError(_spec_difference(ws.spec, self.spec))
+        planned = self.to_parameters(ws)
         for handle, value in planned:  # validate everything before writing anything
             if value.shape != handle.param.shape or value.dtype != handle.param.dtype:
                 raise ValueError(
@@ -128,8 +145,11 @@ def _find_blocks(root: nn.Module, table: dict[str, ParamHandle]) -> tuple[Family
     )
 
 
-def bind(model: nn.Module, extra_axes: ExtraAxes | None = None) -> Binding:
-    """Work out which parameter of ``model`` holds which canonical tensor, and the weight-space spec."""
+def bind(model: nn.Module, extra_axes: ExtraAxes | None = None, strict: bool = True) -> Binding:
+    """Work out which parameter of ``model`` holds which canonical tensor, and the weight-space spec.
+
+    ``strict=False``: parameters outside the blocks that no rule knows are listed in ``Binding.unmatched``
+    instead of raising (an optimizer can hand them to a plain optimizer)."""
     root = root_model(model)
     table = parameter_table(model)
     family, list_name, n_blocks = _find_blocks(root, table)
@@ -181,6 +201,7 @@ def bind(model: nn.Module, extra_axes: ExtraAxes | None = None) -> Binding:
     tensors = [spec.block_tensor(n) for n in block_names]
 
     outer: dict[str, ParamHandle] = {}
+    unmatched: list[ParamHandle] = []
     extra_axes = extra_axes or {}
     for name, handle in table.items():
         if name in used:
@@ -189,6 +210,9 @@ def bind(model: nn.Module, extra_axes: ExtraAxes | None = None) -> Binding:
             role, axes = extra_axes[name]
         else:
             rule = next((r for r in family.outer_rules if re.fullmatch(r.pattern, name)), None)
+            if rule is None and not strict:
+                unmatched.append(handle)
+                continue
             if rule is None:
                 raise ValueError(
                     f"{name} in {handle.module_path} ({handle.module_type}) is outside the {family.name} blocks and "
@@ -204,7 +228,7 @@ def bind(model: nn.Module, extra_axes: ExtraAxes | None = None) -> Binding:
         tensors.append(TensorSpec(name=name, axes=tuple(axes), shape=shape, block=False, role=role))
         outer[name] = handle
     _check_block_shapes(spec, block_params)
-    return Binding(spec.with_tensors(tuple(tensors)), block_params, outer)
+    return Binding(spec.with_tensors(tuple(tensors)), block_params, outer, unmatched)
 
 
 def _check_block_shapes(spec: WeightSpaceSpec, block_params: list[_BlockParam]) -> None:

@@ -19,9 +19,9 @@ class TransformerNFNEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
-                 product_channels: int = 4, final_activation: bool = True):
+                 product_channels: int = 4, final_activation: bool = True, out_channels: int | None = None):
         super().__init__()
-        dims = [in_channels] + [channels] * n_layers
+        dims = [in_channels] + [channels] * (n_layers - 1) + [out_channels or channels]
         self.layers = nn.ModuleList(EquivariantLayer(a, b, hidden, product_channels) for a, b in zip(dims, dims[1:]))
         self.act = EquivariantReLU()
         self.final_activation = final_activation

@@ -1,0 +1,213 @@
+"""NFNOptimizer: optimizer contract, equivariance, non-finite handling, resume, Trainer and accelerate use."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from model_factories import build
+from nfn_plugins import SymmetryGroup, extract_weights, load_weights
+from nfn_plugins.optim import LearnedUpdate, NFNOptimizer
+
+
+def _loss(model, inputs) -> torch.Tensor:
+    """A loss on an invariant output (so symmetric copies see the same loss landscape)."""
+    out = model(**inputs)
+    return (out.logits if hasattr(out, "logits") else out.pooler_output).square().mean()
+
+
+def _train(model, opt, inputs, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model, inputs).backward()
+        opt.step()
+
+
+def _learned(seed: int = 0, dtype=torch.float64) -> LearnedUpdate:
+    torch.manual_seed(seed)
+    lu = LearnedUpdate(channels=4, hidden=8, product_channels=2)
+    with torch.no_grad():
+        lu.gain.fill_(0.5)  # an active correction (a fresh one starts at exactly 0)
+    return lu.to(dtype)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_tied"])
+def test_update_is_equivariant(name, exact_float64):
+    """update(g.W, g.G) = g.update(W, G) for orthogonal head maps + permutations, learned correction active."""
+    model, make_inputs = build(name)
+    inputs = make_inputs(0)
+    ws = extract_weights(model)
+    g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(1), orthogonal=True, unit_scales=False)
+    moved = copy.deepcopy(model)
+    load_weights(moved, g.act(ws))
+    learned = _learned()
+    opt_a = NFNOptimizer(model, lr=1e-2, weight_decay=0.1, learned=learned)
+    opt_b = NFNOptimizer(moved, lr=1e-2, weight_decay=0.1, learned=learned)
+    _train(model, opt_a, inputs, 3)
+    _train(moved, opt_b, inputs, 3)
+    after, after_moved = extract_weights(model), extract_weights(moved)
+    expected = g.act(after)
+    assert max(float((after_moved[k] - expected[k]).abs().max() / expected[k].abs().max()) for k in ws) < 1e-8
+    assert float((after["q"] - ws["q"]).abs().max()) > 1e-3  # it did move
+
+
+def test_plain_adam_is_not_equivariant_under_head_rotations(exact_float64):
+    """Why the second moment is pooled per head: element-wise Adam breaks the orthogonal head symmetry."""
+    model, make_inputs = build("bert")
+    inputs = make_inputs(0)
+    ws = extract_weights(model)
+    g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(1), orthogonal=True, unit_scales=False)
+    moved = copy.deepcopy(model)
+    load_weights(moved, g.act(ws))
+    _train(model, torch.optim.Adam(model.parameters(), lr=1e-2), inputs, 3)
+    _train(moved, torch.optim.Adam(moved.parameters(), lr=1e-2), inputs, 3)
+    expected = g.act(extract_weights(model))
+    assert float((extract_weights(moved)["q"] - expected["q"]).abs().max() / expected["q"].abs().max()) > 1e-3
+
+
+def test_untrained_learned_update_equals_equivariant_adam():
+    model, make_inputs = build("gpt2_lm")
+    twin = copy.deepcopy(model)
+    inputs = make_inputs(0)
+    fresh = LearnedUpdate(channels=4, hidden=8, product_channels=2).double()
+    _train(model, NFNOptimizer(model, lr=1e-2), inputs, 2)
+    _train(twin, NFNOptimizer(twin, lr=1e-2, learned=fresh), inputs, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_correction_is_bounded():
+    model, _ = build("bert")
+    lu = _learned()
+    with torch.no_grad():
+        lu.gain.fill_(100.0)
+    ws = extract_weights(model)
+    from nfn_plugins import WeightSpace
+
+    inputs = WeightSpace.stack([ws.map(lambda x: 1e6 * torch.randn_like(x)) for _ in range(4)]).unsqueeze(0)
+    corr = lu(inputs)
+    assert max(float(c.detach().abs().max()) for c in corr.values()) <= lu.max_correction
+
+
+def test_param_groups_state_dict_and_bit_identical_resume():
+    model, make_inputs = build("llama_untied")
+    inputs = make_inputs(0)
+    opt = NFNOptimizer(model, lr=1e-2, learned=_learned())
+    assert [g["name"] for g in opt.param_groups] == ["nfn_blocks", "base"]
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len([p for p in model.parameters()])
+    _train(model, opt, inputs, 2)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, inputs, 3)
+
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved_model)
+    opt2 = NFNOptimizer(resumed, lr=1e-2, learned=_learned())
+    opt2.load_state_dict(saved_opt)
+    assert opt2.base.param_groups[0] is opt2.param_groups[1]
+    _train(resumed, opt2, inputs, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def test_scheduler_reaches_the_base_optimizer():
+    model, make_inputs = build("bert")
+    opt = NFNOptimizer(model, lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert opt.base.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["lr"] == 0.5
+    del sched
+
+
+def test_closure_and_zero_grad():
+    model, make_inputs = build("vit")
+    inputs = make_inputs(0)
+    opt = NFNOptimizer(model, lr=1e-3)
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, inputs)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_gradients_never_reach_the_weights(policy):
+    model, make_inputs = build("bert")
+    opt = NFNOptimizer(model, lr=1e-2, nonfinite=policy)
+    before = copy.deepcopy(model.state_dict())
+    opt.zero_grad()
+    _loss(model, make_inputs(0)).backward()
+    next(model.parameters()).grad[0] = float("nan")
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            opt.step()
+    else:
+        with pytest.warns(UserWarning, match="step skipped"):
+            opt.step()
+        assert opt.skipped_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_logs_what_went_where(caplog):
+    model, _ = build("torch_pre_relu")
+    with caplog.at_level(logging.INFO, logger="nfn_plugins.optim"):
+        opt = NFNOptimizer(model, extra_axes=None)
+    assert "AdamW" in caplog.text and "unrecognised parameters sent to the base optimizer" in caplog.text
+    # the torch family's embedding/head are unknown without extra_axes: they go to the base optimizer
+    assert {h.name for h in opt.binding.unmatched} >= {"embed.weight"}
+
+
+def test_bad_arguments():
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match="nonfinite"):
+        NFNOptimizer(model, nonfinite="ignore")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable transformer block"):
+        NFNOptimizer(model)
+
+
+def test_hf_trainer_one_liners(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from nfn_plugins.integrations.trainer import NFNTrainer
+
+    model, make_inputs = build("bert")
+    model = model.float()
+    batch = make_inputs(0)
+    rows = [{"input_ids": batch["input_ids"][i], "attention_mask": batch["attention_mask"][i],
+             "labels": torch.tensor(i % 2)} for i in range(len(batch["input_ids"]))] * 4
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", learning_rate=1e-3, use_cpu=True)
+    before = copy.deepcopy(model.state_dict())
+    Trainer(model, args, train_dataset=rows, optimizers=(NFNOptimizer(model, lr=1e-3), None)).train()
+    t = NFNTrainer(model, args, train_dataset=rows)
+    t.train()
+    assert isinstance(t.optimizer.optimizer if hasattr(t.optimizer, "optimizer") else t.optimizer, NFNOptimizer)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_accelerate_prepare_with_gradient_accumulation():
+    from accelerate import Accelerator
+
+    model, make_inputs = build("bert")
+    model = model.float()
+    inputs = make_inputs(0)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = NFNOptimizer(model, lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    before = copy.deepcopy(extract_weights(model)["q"])
+    for i in range(4):
+        with acc.accumulate(model):
+            acc.backward(_loss(model, inputs))
+            opt.step()
+            opt.zero_grad()
+        if i == 0:  # first micro-batch: accumulating, no update yet
+            assert torch.equal(extract_weights(model)["q"], before)
+    assert not torch.equal(extract_weights(model)["q"], before)
