@@ -195,57 +195,57 @@ class NFNOptimizer(torch.optim.Optimizer):
         if not self._check_finite():
             return loss
         group = self.param_groups[0]
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         b = self.binding
         active = {id(p) for p in group["params"]}
-
-        def grad_of(h):
-            g = h.param.grad
-            return torch.zeros_like(h.param) if g is None else g.to(h.param.dtype)
-
-        grads = b.read(grad_of)
-        squares = {n: head_pooled_square(n, grads[n]) for n in BLOCK_AXES if n in grads}
-        directions: dict[int, torch.Tensor] = {}
-        for handle, sq in b.to_parameters(squares, blocks_only=True):
-            p = handle.param
-            if id(p) not in active:
-                continue
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float64)
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
-            st["step"] += 1
-            t = float(st["step"])
-            st["exp_avg"].lerp_(grad_of(handle), 1 - beta1)
-            st["exp_avg_sq"].mul_(beta2).add_(sq, alpha=1 - beta2)
-            m_hat = st["exp_avg"] / (1 - beta1**t)
-            v_hat = st["exp_avg_sq"] / (1 - beta2**t)
-            directions[id(p)] = m_hat / (v_hat.sqrt() + eps)
-        if self.learned is not None:
-            for handle, corr in b.to_parameters(self._correction(grads, directions), blocks_only=True):
-                if id(handle.param) in directions:
-                    directions[id(handle.param)] += corr.to(handle.param.dtype)
         for p in group["params"]:
-            if id(p) in directions:
-                p.mul_(1 - lr * wd).add_(directions[id(p)], alpha=-lr)
+            if not self.state[p]:
+                self.state[p].update(step=torch.zeros((), dtype=torch.float64), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
+            self.state[p]["step"] += 1
+
+        def source(key: str):
+            def read(h) -> torch.Tensor:
+                if key == "grad":
+                    return torch.zeros_like(h.param) if h.param.grad is None else h.param.grad.to(h.param.dtype)
+                st = self.state.get(h.param)
+                return st[key] if st and h.name not in b.outer else torch.zeros_like(h.param)
+            return read
+
+        step = int(self.state[group["params"][0]]["step"])
+        new = block_update(self.learned, b.read(), b.read(source("grad")), b.read(source("exp_avg")),
+                           b.read(source("exp_avg_sq")), step, group["lr"], group["betas"], group["eps"],
+                           group["weight_decay"])
+        for key, tensors in zip(("weight", "exp_avg", "exp_avg_sq"), new):
+            for handle, value in b.to_parameters(tensors, blocks_only=True):
+                if id(handle.param) in active:
+                    target = handle.param if key == "weight" else self.state[handle.param][key]
+                    target.copy_(value)
         if self.base is not None:
             self.base.step()
         return loss
 
-    def _correction(self, grads: WeightSpace, directions: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The learned correction from (weights, gradient, momentum, Adam direction); outer tensors carry
-        zeros in the two moment channels (their moments live in the base optimizer)."""
-        dtype = next(self.learned.parameters()).dtype
 
-        def source(key: str):
-            def read(h) -> torch.Tensor:
-                if key == "adam_direction":
-                    return directions.get(id(h.param), torch.zeros_like(h.param))
-                st = self.state.get(h.param)
-                return st[key] if st and h.name not in self.binding.outer else torch.zeros_like(h.param)
-            return read
+Tensors = dict[str, torch.Tensor]
 
-        channels = [self.binding.read(), grads, self.binding.read(source("exp_avg")),
-                    self.binding.read(source("adam_direction"))]
-        return self.learned(WeightSpace.stack([c.to(dtype) for c in channels]).unsqueeze(0))
+
+def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: WeightSpace, exp_avg: WeightSpace,
+                 exp_avg_sq: WeightSpace, step: int, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float) -> tuple[Tensors, Tensors, Tensors]:
+    """One update of the block tensors in canonical layout: (new weights, new first and second moments).
+
+    Pure and differentiable in ``learned``'s parameters: `NFNOptimizer.step` and meta-training share it.
+    The moment weight spaces carry zeros for the outer tensors (whose moments live elsewhere).
+    """
+    beta1, beta2 = betas
+    names = [n for n in BLOCK_AXES if n in weights]
+    m = {n: exp_avg[n] * beta1 + grads[n] * (1 - beta1) for n in names}
+    v = {n: exp_avg_sq[n] * beta2 + head_pooled_square(n, grads[n]) * (1 - beta2) for n in names}
+    direction = {n: (m[n] / (1 - beta1**step)) / ((v[n] / (1 - beta2**step)).sqrt() + eps) for n in names}
+    if learned is not None:
+        dtype = next(learned.parameters()).dtype
+        as_ws = lambda blocks, like: WeightSpace(like.spec, {**like.tensors, **blocks})  # noqa: E731
+        inputs = [weights, grads, as_ws(m, exp_avg), as_ws(direction, exp_avg)]
+        correction = learned(WeightSpace.stack([x.to(dtype) for x in inputs]).unsqueeze(0))
+        direction = {n: direction[n] + correction[n].to(direction[n].dtype) for n in names}
+    new = {n: weights[n] * (1 - lr * weight_decay) - lr * direction[n] for n in names}
+    return new, m, v
