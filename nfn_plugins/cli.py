@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "nfn_plugins.demo",
     "nfn_plugins.zoo.cli",
+    "nfn_plugins.meta_train",
 )
 
 

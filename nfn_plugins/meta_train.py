@@ -1,0 +1,194 @@
+"""Meta-training the learned optimizer (`LearnedUpdate`) with truncated unrolls, on CPU.
+
+Tasks: small Hugging Face ViTs (residual, pre-LN) trained on MNIST, with random width, heads, depth,
+learning rate and seed. Each task is trained for a random number of steps in truncations of ``unroll``
+steps; after each truncation the learned update takes one meta-gradient step on the mean log training
+loss of that truncation. Gradients of the task loss are treated as inputs (first-order meta-gradient,
+no second derivatives); the meta-gradient flows through the weight trajectory and the NFN's corrections.
+The inner step is `optim.block_update`, the very function `NFNOptimizer.step` runs.
+
+    nfn-plugins optim meta-train --out runs/lopt --minutes 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .extract import Binding, bind
+from .optim import LearnedUpdate, block_update
+from .weight_space import WeightSpace
+
+
+@dataclass
+class MetaConfig:
+    minutes: float = 50.0
+    max_truncations: int = 100_000
+    unroll: int = 8
+    task_steps: tuple[int, int] = (40, 240)  # each task trains for a random number of steps in this range
+    widths: tuple[int, ...] = (16, 24, 32)
+    heads: tuple[int, ...] = (2, 4)
+    depths: tuple[int, ...] = (1, 2)
+    lr_range: tuple[float, float] = (3e-4, 3e-3)
+    batch_size: int = 64
+    train_subset: int = 20_000
+    meta_lr: float = 3e-3
+    channels: int = 8
+    hidden: int = 16
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+class Task:
+    """One inner problem: a fresh small ViT on MNIST, its canonical weights and Adam moments."""
+
+    def __init__(self, cfg: MetaConfig, data, gen: torch.Generator):
+        from .zoo.models import make_vit
+
+        pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
+        self.d, self.h, self.depth = pick(cfg.widths), pick(cfg.heads), pick(cfg.depths)
+        lo, hi = math.log(cfg.lr_range[0]), math.log(cfg.lr_range[1])
+        self.lr = math.exp(lo + (hi - lo) * float(torch.rand((), generator=gen)))
+        self.steps = int(torch.randint(cfg.task_steps[0], cfg.task_steps[1] + 1, (1,), generator=gen))
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+        self.model = make_vit(d_model=self.d, n_heads=self.h, n_blocks=self.depth)
+        self.binding: Binding = bind(self.model)
+        self.weights = self.binding.read()
+        zeros = self.weights.map(torch.zeros_like)
+        self.m, self.v = zeros, zeros
+        self.t = 0
+        self.data, self.gen, self.batch_size = data, gen, cfg.batch_size
+
+    def loss(self, weights: WeightSpace) -> torch.Tensor:
+        x, y = self.data
+        idx = torch.randint(len(y), (self.batch_size,), generator=self.gen)
+        params = {h.name: p for h, p in self.binding.to_parameters(weights)}
+        logits = functional_call(self.model, params, (), {"pixel_values": x[idx]}).logits
+        return nn.functional.cross_entropy(logits, y[idx])
+
+    def step(self, learned: LearnedUpdate | None, weights: WeightSpace) -> tuple[WeightSpace, torch.Tensor]:
+        """One training step from ``weights``; returns the new weights and the loss at ``weights``."""
+        loss = self.loss(weights)
+        leaves = [weights[n] for n in weights.spec.names]
+        grads = torch.autograd.grad(loss, leaves, retain_graph=torch.is_grad_enabled() and loss.requires_grad)
+        grads = WeightSpace(weights.spec, {n: g.detach() for n, g in zip(weights.spec.names, grads)})
+        self.t += 1
+        new_blocks, m, v = block_update(learned, weights, grads, self.m, self.v, self.t, self.lr, (0.9, 0.999), 1e-8, 0.0)
+        new = dict(new_blocks)
+        m_all, v_all = dict(self.m.tensors), dict(self.v.tensors)
+        m_all.update({n: x.detach() for n, x in m.items()})
+        v_all.update({n: x.detach() for n, x in v.items()})
+        for name in weights.spec.names:  # outer tensors: plain Adam (what the base optimizer does)
+            if name in new:
+                continue
+            g = grads[name]
+            m_all[name] = 0.9 * self.m[name] + 0.1 * g
+            v_all[name] = 0.999 * self.v[name] + 0.001 * g.square()
+            m_hat, v_hat = m_all[name] / (1 - 0.9**self.t), v_all[name] / (1 - 0.999**self.t)
+            new[name] = weights[name] - self.lr * m_hat / (v_hat.sqrt() + 1e-8)
+        self.m, self.v = WeightSpace(weights.spec, m_all), WeightSpace(weights.spec, v_all)
+        return WeightSpace(weights.spec, new), loss
+
+
+def _load_train(cfg: MetaConfig):
+    from .data import load_mnist
+
+    ds = load_mnist()
+    return ds.train_x[: cfg.train_subset], ds.train_y[: cfg.train_subset]
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def meta_train(out: str | os.PathLike, cfg: MetaConfig | None = None, progress: bool = True) -> LearnedUpdate:
+    """Meta-train and write ``out/learned`` (the shipped format), resuming from ``out`` if it holds a run."""
+    cfg = cfg or MetaConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    learned = LearnedUpdate(channels=cfg.channels, hidden=cfg.hidden)
+    meta_opt = torch.optim.Adam(learned.parameters(), lr=cfg.meta_lr)
+    state_file, log_file = out / "meta_state.pt", out / "log.jsonl"
+    done, elapsed = 0, 0.0
+    if state_file.exists():  # resume
+        st = torch.load(state_file, weights_only=False)
+        learned.load_state_dict(st["learned"])
+        meta_opt.load_state_dict(st["meta_opt"])
+        done, elapsed = st["truncations"], st["elapsed"]
+        print(f"[meta] resuming after {done} truncations ({elapsed / 60:.1f} min)")
+    data = _load_train(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
+    start, task, trained = time.perf_counter() - elapsed, None, 0
+    while done < cfg.max_truncations and (time.perf_counter() - start) < cfg.minutes * 60:
+        if task is None or trained >= task.steps:
+            task, trained = Task(cfg, data, gen), 0
+        weights = task.weights.map(lambda x: x.detach().requires_grad_())
+        losses = []
+        for _ in range(cfg.unroll):
+            weights, loss = task.step(learned, weights)
+            losses.append(loss)
+        meta_loss = torch.stack([torch.log(x) for x in losses[1:]]).mean()  # losses that depend on `learned`
+        meta_opt.zero_grad()
+        meta_loss.backward()
+        torch.nn.utils.clip_grad_norm_(learned.parameters(), 1.0)
+        meta_opt.step()
+        task.weights = weights.map(lambda x: x.detach())
+        trained += cfg.unroll
+        done += 1
+        row = {"truncation": done, "minutes": (time.perf_counter() - start) / 60, "meta_loss": float(meta_loss.detach()),
+               "task": f"D{task.d}-H{task.h}-L{task.depth}", "task_step": trained, "lr": task.lr,
+               "gain_abs_mean": float(torch.tanh(learned.gain).abs().mean())}
+        with open(log_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if progress and done % 10 == 0:
+            print(f"[meta] {done} truncations, {row['minutes']:.1f} min, meta loss {row['meta_loss']:.4f}, "
+                  f"task {row['task']} step {trained}/{task.steps}, |gain| {row['gain_abs_mean']:.3f}", flush=True)
+        if done % cfg.checkpoint_every == 0:
+            _checkpoint(out, learned, meta_opt, done, time.perf_counter() - start, cfg)
+    _checkpoint(out, learned, meta_opt, done, time.perf_counter() - start, cfg)
+    return learned
+
+
+def _checkpoint(out: Path, learned, meta_opt, done: int, elapsed: float, cfg: MetaConfig) -> None:
+    tmp = out / ".meta_state.pt.tmp"
+    torch.save({"learned": learned.state_dict(), "meta_opt": meta_opt.state_dict(), "truncations": done,
+                "elapsed": elapsed}, tmp)
+    os.replace(tmp, out / "meta_state.pt")
+    learned.save_pretrained(out / "learned", truncations=done, minutes=elapsed / 60, meta_config=asdict(cfg))
+    _atomic_json(out / "status.json", {"truncations": done, "minutes": elapsed / 60})
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = MetaConfig(minutes=args.minutes, seed=args.seed)
+    if args.max_truncations:
+        cfg.max_truncations = args.max_truncations
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta_train(args.out, cfg)
+    print(f"[meta] done: learned update in {Path(args.out) / 'learned'}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    optim = subparsers.add_parser("optim", help="the learned optimizer")
+    sub = optim.add_subparsers(dest="optim_command", required=True)
+    m = sub.add_parser("meta-train", help="meta-train the learned update (resumes if --out holds a run)")
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--minutes", type=float, default=50.0)
+    m.add_argument("--max-truncations", type=int)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--threads", type=int)
+    m.set_defaults(func=_run)
+
