@@ -1,0 +1,224 @@
+"""Accuracy prediction from weights: ours vs the paper's NFN, STATNN, gradient-boosted trees, a flat MLP.
+
+One harness, the paper's protocol: checkpoints of one epoch per model, accuracy cut-offs (keep models
+whose test accuracy is at least the cut-off), a 70/15/15 split by member, several seeds (mean +- std).
+Every method trains on the same split with the same budget and early-stops on validation Kendall tau.
+Out of distribution (HF zoos): train on the narrower widths, test on the widest.
+
+    python benchmarks/predictor.py --zoo zoos/mnist-paper [--zoo zoos/mnist-vit ...] [--quick]
+
+Writes benchmarks/results/predictor.{json,md} and predictor_scatter.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
+
+from nfn_plugins.baselines import FlatMLP, PaperTransformerNFN, StatNN, fit_gbt, predict_gbt  # noqa: E402
+from nfn_plugins.metrics import regression_report  # noqa: E402
+from nfn_plugins.predictor import AccuracyPredictor, FitConfig  # noqa: E402
+from nfn_plugins.zoo import Zoo  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("ours", "paper-nfn", "statnn", "gbt", "flat-mlp")
+
+
+def _weights(zoo: Zoo):
+    groups = [(z.weights(), z.labels()) for z in zoo.by_arch().values() if len(z)]
+    return groups
+
+
+def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
+    """BCE training of a baseline that outputs probabilities; keeps the best validation-tau state."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state = -2.0, None
+    for _ in range(epochs):
+        model.train()
+        for ws, y in train:
+            for idx in torch.randperm(len(y), generator=gen).split(batch):
+                p = model(ws.map(lambda t: t[idx].float())).flatten().clamp(1e-6, 1 - 1e-6)
+                loss = nn.functional.binary_cross_entropy(p, y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        tau = _evaluate_module(model, val)["kendall_tau"]
+        if tau > best:
+            best, best_state = tau, {k: v.clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model
+
+
+@torch.no_grad()
+def _predict_module(model: nn.Module, groups) -> torch.Tensor:
+    model.eval()
+    return torch.cat([torch.cat([model(ws.map(lambda t: t[i : i + 128].float())).flatten()
+                                 for i in range(0, len(y), 128)]) for ws, y in groups])
+
+
+def _evaluate_module(model, groups) -> dict:
+    return regression_report(_predict_module(model, groups), torch.cat([y for _, y in groups]))
+
+
+def run_method(method: str, train, val, test, seed: int, epochs: int) -> tuple[dict, torch.Tensor, int, float]:
+    """(test metrics, test predictions, parameter count, training seconds)."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    spec = train[0][0].spec
+    if method == "ours":
+        model = AccuracyPredictor()
+        model.fit(train, None, FitConfig(epochs=epochs, seed=seed), progress=False)
+        pred = torch.cat([model.predict(ws) for ws, _ in test])
+        n_params = sum(p.numel() for p in model.parameters())
+    elif method == "gbt":
+        ws_all = train[0][0]
+        model = fit_gbt(ws_all, train[0][1], kind="hist")
+        pred = torch.cat([predict_gbt(model, ws).float() for ws, _ in test])
+        n_params = 0
+    else:
+        if len({ws.spec for ws, _ in train + test}) > 1:
+            raise ValueError(f"{method} handles one architecture only")
+        model = {"paper-nfn": lambda: PaperTransformerNFN(spec), "statnn": lambda: StatNN(spec),
+                 "flat-mlp": lambda: FlatMLP(spec, max_features=20_000, seed=seed)}[method]()
+        if hasattr(model, "fit_normalizer"):
+            model.fit_normalizer(train[0][0])
+        lr = 1e-3 if method != "flat-mlp" else 3e-4
+        model = _fit_module(model, train, val, epochs, lr, 16, seed)
+        pred = _predict_module(model, test)
+        n_params = sum(p.numel() for p in model.parameters())
+    y = torch.cat([t for _, t in test])
+    return regression_report(pred, y), pred, n_params, time.perf_counter() - t0
+
+
+def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs: int) -> list[dict]:
+    zoo = Zoo.open(path).filter(finite=True)
+    epoch = epoch or max(zoo.epochs)
+    single_arch = len(zoo.arch_keys) == 1
+    rows = []
+    for cutoff in cutoffs:
+        sub = zoo.filter(epoch=epoch, min_test_acc=cutoff / 100)
+        for seed in seeds:
+            train, val, test = (_weights(z) for z in sub.split(seed=seed))
+            if not (train and val and test):
+                continue
+            for method in methods:
+                if method != "ours" and not single_arch:
+                    continue
+                if method == "paper-nfn" and train[0][0].spec.family != "zoo":
+                    continue
+                metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs)
+                row = {"zoo": Path(path).name, "epoch": epoch, "cutoff": cutoff, "seed": seed, "method": method,
+                       **metrics, "params": n_params, "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
+                       "n_test": sum(len(y) for _, y in test)}
+                if cutoff == cutoffs[0] and seed == seeds[0]:
+                    row["scatter"] = {"pred": pred.tolist(), "true": torch.cat([y for _, y in test]).tolist()}
+                print(f"[predictor] {row['zoo']} cut {cutoff}% seed {seed} {method:<9} tau {metrics['kendall_tau']:.3f} "
+                      f"R2 {metrics['r2']:.3f} L1 {metrics['l1']:.4f} ({seconds:.0f} s)", flush=True)
+                rows.append(row)
+    return rows
+
+
+def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int) -> list[dict]:
+    """Train on every width but the widest, test on the widest (HF zoos)."""
+    zoo = Zoo.open(path).filter(finite=True)
+    zoo = zoo.filter(epoch=epoch or max(zoo.epochs))
+    widths = sorted({r["arch"]["d_model"] for r in zoo.records})
+    if len(widths) < 2:
+        return []
+    wide = zoo.filter(where=lambda r: r["arch"]["d_model"] == widths[-1])
+    narrow = zoo.filter(where=lambda r: r["arch"]["d_model"] < widths[-1])
+    rows = []
+    for seed in seeds:
+        train, val, _ = narrow.split((0.85, 0.15, 0.0), seed=seed)
+        model = AccuracyPredictor()
+        model.fit(train, None, FitConfig(epochs=epochs, seed=seed), progress=False)
+        m = model.evaluate(wide)
+        rows.append({"zoo": Path(path).name, "seed": seed, "train_widths": widths[:-1], "test_width": widths[-1], **m})
+        print(f"[predictor] OOD {Path(path).name} widths {widths[:-1]} -> {widths[-1]} seed {seed}: tau {m['kendall_tau']:.3f}")
+    return rows
+
+
+def _mean_std(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown(rows, ood, args) -> str:
+    lines = ["# Accuracy prediction from weights", "",
+             f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
+             f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (baselines keep "
+             "their best validation-tau epoch; ours trains with a cosine schedule and group augmentation).",
+             "", "![predicted vs true](predictor_scatter.png)", "",
+             "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = dict.fromkeys((r["zoo"], r["cutoff"], r["method"]) for r in rows)
+    for zoo, cutoff, method in keys:
+        sel = [r for r in rows if (r["zoo"], r["cutoff"], r["method"]) == (zoo, cutoff, method)]
+        tau, r2, l1 = (_mean_std([r[k] for r in sel]) for k in ("kendall_tau", "r2", "l1"))
+        lines.append(f"| {zoo} | {cutoff}% | {method} | {tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} | "
+                     f"{l1[0]:.4f} | {sel[0]['params']:,} | {statistics.mean(r['train_seconds'] for r in sel):.0f} | "
+                     f"{sel[0]['n_train']}/{sel[0]['n_test']} |")
+    if ood:
+        lines += ["", "## Out of distribution: train on narrower widths, test on the widest", "",
+                  "| zoo | train widths | test width | Kendall tau | R2 |", "|---|---|---|---|---|"]
+        for zoo in dict.fromkeys(r["zoo"] for r in ood):
+            sel = [r for r in ood if r["zoo"] == zoo]
+            tau, r2 = _mean_std([r["kendall_tau"] for r in sel]), _mean_std([r["r2"] for r in sel])
+            lines.append(f"| {zoo} | {sel[0]['train_widths']} | {sel[0]['test_width']} | {tau[0]:.3f} +- {tau[1]:.3f} | "
+                         f"{r2[0]:.3f} +- {r2[1]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def scatter(rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if "scatter" in r and r["method"] == "ours"]
+    if not pts:
+        return
+    fig, axes = plt.subplots(1, len(pts), figsize=(4 * len(pts), 4), squeeze=False)
+    for ax, r in zip(axes[0], pts):
+        ax.scatter(r["scatter"]["true"], r["scatter"]["pred"], s=6, alpha=0.5)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_title(f"{r['zoo']}: tau {r['kendall_tau']:.3f}")
+        ax.set_xlabel("true test accuracy")
+        ax.set_ylabel("predicted")
+    fig.tight_layout()
+    save_figure_atomic(fig, RESULTS / "predictor_scatter.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", action="append", required=True, help="zoo folder (repeatable)")
+    p.add_argument("--ood-zoo", action="append", default=[], help="multi-width zoo for the out-of-distribution test")
+    p.add_argument("--epoch", type=int)
+    p.add_argument("--cutoffs", type=lambda s: [int(x) for x in s.split(",")], default=[0, 20, 40, 60, 80])
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.cutoffs, args.seeds, args.epochs = [0], [0], 3
+    rows = [r for z in args.zoo for r in benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs)]
+    ood = [r for z in args.ood_zoo for r in out_of_distribution(z, args.epoch, args.seeds, args.epochs)]
+    write_json_atomic(RESULTS / "predictor.json", {"machine": machine_info(), "args": vars(args), "rows": rows, "ood": ood})
+    write_atomic(RESULTS / "predictor.md", markdown(rows, ood, args))
+    scatter(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
