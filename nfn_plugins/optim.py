@@ -90,6 +90,12 @@ class LearnedUpdate(nn.Module):
         (d / ".tmp.json").write_text(json.dumps({"format": FORMAT, "config": self.config, "meta": meta}, indent=2))
         os.replace(d / ".tmp.json", d / "config.json")
 
+    @staticmethod
+    def available() -> list[str]:
+        """Names of the learned updates shipped with the package."""
+        return sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "config.json").exists()
+                      and json.loads((p / "config.json").read_text()).get("format") == FORMAT)
+
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike) -> "LearnedUpdate":
         from safetensors.torch import load_file
@@ -98,8 +104,8 @@ class LearnedUpdate(nn.Module):
         if not (d / "config.json").exists():
             d = PRETRAINED_DIR / str(name_or_dir)
         if not (d / "config.json").exists():
-            shipped = sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "config.json").exists())
-            raise FileNotFoundError(f"no learned optimizer at {name_or_dir!r} (shipped: {', '.join(shipped) or 'none'})")
+            raise FileNotFoundError(
+                f"no learned optimizer at {name_or_dir!r} (shipped: {', '.join(cls.available()) or 'none'})")
         cfg = json.loads((d / "config.json").read_text())
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{d} does not hold an nfn-plugins learned update (format {cfg.get('format')!r})")

@@ -212,4 +212,5 @@ class AccuracyPredictor(nn.Module):
 
     @staticmethod
     def available() -> list[str]:
-        return sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "config.json").exists())
+        return sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "config.json").exists()
+                      and json.loads((p / "config.json").read_text()).get("format") == FORMAT)
