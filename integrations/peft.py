@@ -39,9 +39,19 @@ def active_copy(wrapper: nn.Module) -> nn.Module:
     return wrapper.modules_to_save[wrapper.active_adapter]
 
 
-def lora_delta(layer: nn.Module) -> torch.Tensor | None:
-    """Sum of the active, unmerged LoRA deltas of ``layer`` in the base weight's layout, or None."""
+def lora_delta(layer: nn.Module, where: str) -> torch.Tensor | None:
+    """Sum of the active, unmerged LoRA deltas of ``layer`` in the base weight's layout, or None.
+
+    Variants whose effective weight is not base + delta (DoRA) or that also change the bias (lora_bias)
+    are refused: reading them as plain LoRA would be silently wrong.
+    """
     if layer.disable_adapters or layer.merged:
         return None
-    deltas = [layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A]
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A or a in getattr(layer, "lora_embedding_A", {})]
+    for a in adapters:
+        if getattr(layer, "use_dora", {}).get(a) or getattr(layer, "lora_bias", {}).get(a):
+            kind = "DoRA" if getattr(layer, "use_dora", {}).get(a) else "lora_bias=True"
+            raise ValueError(f"{where}: {kind} adapter {a!r} is not supported (its effective weight is not base + "
+                             "B A); call merge_and_unload() first")
+    deltas = [layer.get_delta_weight(a) for a in adapters]
     return sum(deltas[1:], deltas[0]) if deltas else None

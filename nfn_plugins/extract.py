@@ -175,7 +175,7 @@ def bind(model: nn.Module, extra_axes: ExtraAxes | None = None, strict: bool = T
         raise ValueError(
             f"{h.name} in {h.module_path} ({h.module_type}) is not part of the {family.name} block layout "
             f"({', '.join(family.block_rule_paths())}); blocks with extra parameters (e.g. per-head q/k norms) "
-            "are not supported"
+            f"are not supported. Supported families: {supported_families()}"
         )
 
     first = {bp.rule.parts[0]: bp for bp in block_params}
@@ -218,7 +218,8 @@ def bind(model: nn.Module, extra_axes: ExtraAxes | None = None, strict: bool = T
                     f"{name} in {handle.module_path} ({handle.module_type}) is outside the {family.name} blocks and "
                     f"not a known part (embeddings, norms, pooler, classifier or LM head). Pass "
                     f"extra_axes={{'{name}': (role, axes)}} with role in embed/readout/vector/free and "
-                    "'stream' on the axis that reads or writes the residual stream."
+                    "'stream' on the axis that reads or writes the residual stream. "
+                    f"Supported families: {supported_families()}"
                 )
             role, axes = rule.role, rule.axes
         shape = tuple(handle.param.shape)

@@ -159,10 +159,10 @@ class SymmetryGroup:
         self.spec = spec
 
     @classmethod
-    def for_model(cls, model) -> "SymmetryGroup":
+    def for_model(cls, model, extra_axes=None) -> "SymmetryGroup":
         from .extract import bind
 
-        return cls(bind(model).spec)
+        return cls(bind(model, extra_axes).spec)
 
     def __repr__(self) -> str:
         return f"SymmetryGroup(\n{self.spec.describe_group()}\n)"
@@ -193,7 +193,8 @@ class SymmetryGroup:
     ) -> GroupElement:
         """A random element. ``permutations_only``: the permutation subgroup (no GL, no scales, no signs);
         ``orthogonal``: orthogonal head maps and +-1 scales (the part under which gradients move like weights);
-        ``unit_scales=False``: no MLP-unit scales and no stream signs (the group the NFN layers are built for)."""
+        ``unit_scales=False``: no MLP-unit scales and no stream signs, neither per coordinate (RMSNorm) nor
+        global (LayerNorm): the group the NFN layers are built for."""
         s, L = self.spec, self.spec.n_blocks
         g = generator
 
@@ -215,7 +216,12 @@ class SymmetryGroup:
             mlp_scale = signs(L, s.mlp_width)
         if unit_scales and s.mlp_scale != "none" and not orthogonal:
             mlp_scale = mlp_scale * torch.exp(torch.rand(L, s.mlp_width, generator=g, dtype=dtype) - 0.5)
-        stream_scale = signs(s.d_model) if s.stream_signs and unit_scales else e.stream_scale
+        if not unit_scales:
+            stream_scale = e.stream_scale
+        elif s.stream_signs:
+            stream_scale = signs(s.d_model)
+        else:  # LayerNorm is odd once its bias flips too: a global sign of the stream
+            stream_scale = signs(1).expand(s.d_model).clone()
         return GroupElement(s, perm(s.d_model), stream_scale, head_perm, kv_perm, qk, vo,
                             torch.stack([perm(s.mlp_width) for _ in range(L)]), mlp_scale)
 

@@ -24,14 +24,14 @@ class ParamHandle:
     def read(self) -> torch.Tensor:
         value = self.param.detach()
         if self.lora_layer is not None and self.name.endswith(".weight"):
-            delta = lora_delta(self.lora_layer)
+            delta = lora_delta(self.lora_layer, f"{self.module_path} ({self.module_type})")
             if delta is not None:
                 value = value + delta.to(value.dtype)
         return value
 
     def check_writable(self) -> None:
         if self.lora_layer is not None and self.name.endswith(".weight"):
-            delta = lora_delta(self.lora_layer)
+            delta = lora_delta(self.lora_layer, f"{self.module_path} ({self.module_type})")
             if delta is not None and bool(delta.ne(0).any()):
                 raise ValueError(
                     f"{self.module_path} ({self.module_type}) has active, unmerged LoRA adapters with a non-zero "
@@ -75,6 +75,12 @@ def parameter_table(model: nn.Module) -> dict[str, ParamHandle]:
 
     def add(name: str, path: str, module: nn.Module, p: nn.Parameter, lora_layer: nn.Module | None = None) -> None:
         if id(p) in seen:  # tied weights (e.g. lm_head = embeddings) are one tensor
+            delta = lora_delta(lora_layer, path) if lora_layer is not None else None
+            if delta is not None and bool(delta.ne(0).any()):
+                raise ValueError(
+                    f"{path} ({type(module).__name__}) has a LoRA adapter on a tied weight (shared with another "
+                    "module): the adapted model has two different matrices where the weight space has one. "
+                    "Untie the weights or merge_and_unload() first.")
             return
         seen.add(id(p))
         table[name] = ParamHandle(name, path or "<root>", type(module).__name__, p, lora_layer)

@@ -6,7 +6,8 @@ the axis labels below instead of being hand-written per architecture family.
 Conventions: every block matrix is stored in right-multiplication form (y = x W), per head where the
 tensor has heads. Axis labels:
 
-- ``stream``  the residual stream (width D): one signed permutation for the whole model.
+- ``stream``  the residual stream (width D): one signed permutation for the whole model (RMSNorm models:
+  any signs; LayerNorm models: one global sign, as LayerNorm is odd once its bias flips too).
 - ``stream_gain``  a norm's gain: a diagonal map of the stream, so it is permuted but takes no signs.
 - ``head`` / ``kv_head``  query heads (H) / key-value heads (H_kv, grouped-query attention).
 - ``qk`` / ``qk*``  a head's query/key dimension, acted on by A / A^-T (so q k^T is unchanged).
@@ -132,6 +133,7 @@ class WeightSpaceSpec:
     def describe_group(self) -> str:
         """A human-readable statement of the exact symmetry group of this architecture."""
         stream = "signed permutations" if self.stream_signs else "permutations"
+        sign = "" if self.stream_signs else " times a global sign (LayerNorm is odd once its bias flips),"
         if self.n_kv_heads == self.n_heads:
             heads = f"S_{self.n_heads} on heads"
         else:
@@ -149,7 +151,7 @@ class WeightSpaceSpec:
             f"{self.family}: {self.n_blocks} blocks, D={self.d_model}, {self.n_heads} heads "
             f"({self.n_kv_heads} key-value), d_k={self.head_dim_qk}, d_v={self.head_dim_vo}, MLP {self.mlp_width}"
             f"{' gated' if self.gated_mlp else ''}",
-            f"  residual stream : {stream} of the {self.d_model} stream coordinates, shared by every block",
+            f"  residual stream : {stream} of the {self.d_model} stream coordinates,{sign} shared by every block",
             f"  heads (per block): {heads}",
             f"  Q/K  (per block): {qk}",
             f"  V/O  (per block): GL({self.head_dim_vo}) per key-value head",

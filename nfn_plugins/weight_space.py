@@ -34,7 +34,12 @@ class WeightSpace:
                 raise ValueError(f"tensor {t.name!r} has batch shape {b}, others have {batch_shape}")
         self.spec = spec
         self.tensors = {name: tensors[name] for name in spec.names}
-        self.batch_shape: tuple[int, ...] = batch_shape or ()
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        first = self.spec.tensors[0]
+        x = self.tensors[first.name]
+        return tuple(x.shape[: x.dim() - first.ndim]) if isinstance(x, torch.Tensor) else ()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -90,6 +95,7 @@ class WeightSpace:
 
     @staticmethod
     def stack(spaces: Sequence["WeightSpace"], dim: int = 0) -> "WeightSpace":
+        """Stack along a new batch dim ``dim`` (counted among the batch dims, like `unsqueeze`)."""
         if not spaces:
             raise ValueError("cannot stack an empty list of weight spaces")
         spec = spaces[0].spec
@@ -99,7 +105,11 @@ class WeightSpace:
                     f"weight space {i} is a different architecture ({ws.spec.family}, D={ws.spec.d_model}) "
                     f"from weight space 0 ({spec.family}, D={spec.d_model}); only equal architectures stack"
                 )
-        return WeightSpace(spec, {k: torch.stack([ws[k] for ws in spaces], dim) for k in spec.names})
+        n_batch = len(spaces[0].batch_shape)
+        if not -n_batch - 1 <= dim <= n_batch:
+            raise IndexError(f"batch dim {dim} out of range for batch shape {spaces[0].batch_shape}")
+        d = dim if dim >= 0 else n_batch + 1 + dim
+        return WeightSpace(spec, {k: torch.stack([ws[k] for ws in spaces], d) for k in spec.names})
 
     def __add__(self, other: "WeightSpace") -> "WeightSpace":
         return self.zip_map(other, torch.add)
@@ -129,7 +139,10 @@ def _flatten(ws: WeightSpace):
 
 
 def _unflatten(values, spec: WeightSpaceSpec) -> WeightSpace:
-    return WeightSpace(spec, dict(zip(spec.names, values)))
+    """No validation: torch.func unflattens trees of non-tensors (e.g. vmap's in_dims) through here."""
+    ws = WeightSpace.__new__(WeightSpace)
+    ws.spec, ws.tensors = spec, dict(zip(spec.names, values))
+    return ws
 
 
 pytree.register_pytree_node(
