@@ -46,6 +46,7 @@ class MetaConfig:
     hidden: int = 16
     checkpoint_every: int = 50
     seed: int = 0
+    init: str | None = None  # start from this learned update (a directory or shipped name)
 
 
 class Task:
@@ -118,7 +119,7 @@ def meta_train(out: str | os.PathLike, cfg: MetaConfig | None = None, progress: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    learned = LearnedUpdate(channels=cfg.channels, hidden=cfg.hidden)
+    learned = LearnedUpdate.from_pretrained(cfg.init) if cfg.init else LearnedUpdate(channels=cfg.channels, hidden=cfg.hidden)
     meta_opt = torch.optim.Adam(learned.parameters(), lr=cfg.meta_lr)
     state_file, log_file = out / "meta_state.pt", out / "log.jsonl"
     done, elapsed = 0, 0.0
@@ -142,7 +143,12 @@ def meta_train(out: str | os.PathLike, cfg: MetaConfig | None = None, progress: 
         meta_loss = torch.stack([torch.log(x) for x in losses[1:]]).mean()  # losses that depend on `learned`
         meta_opt.zero_grad()
         meta_loss.backward()
-        torch.nn.utils.clip_grad_norm_(learned.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(learned.parameters(), 1.0)
+        if not torch.isfinite(meta_loss) or not torch.isfinite(grad_norm):  # never let one bad unroll poison the run
+            print(f"[meta] non-finite meta-loss or gradient at truncation {done + 1}: update skipped, new task", flush=True)
+            task = None
+            done += 1
+            continue
         meta_opt.step()
         task.weights = weights.map(lambda x: x.detach())
         trained += cfg.unroll
@@ -171,7 +177,7 @@ def _checkpoint(out: Path, learned, meta_opt, done: int, elapsed: float, cfg: Me
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = MetaConfig(minutes=args.minutes, seed=args.seed)
+    cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init)
     if args.max_truncations:
         cfg.max_truncations = args.max_truncations
     if args.threads:
@@ -190,5 +196,6 @@ def add_parser(subparsers) -> None:
     m.add_argument("--max-truncations", type=int)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int)
+    m.add_argument("--init", help="start from this learned update (directory or shipped name)")
     m.set_defaults(func=_run)
 

@@ -50,8 +50,8 @@ def bounded(name: str, x: torch.Tensor) -> torch.Tensor:
     tanh of each head-dimension vector for per-head tensors (its norm is invariant under orthogonal maps)."""
     if name not in HEAD_DIM_AXIS:
         return torch.tanh(x)
-    norm = x.norm(dim=HEAD_DIM_AXIS[name], keepdim=True)
-    return x * (torch.tanh(norm) / norm.clamp_min(1e-12))
+    norm = (x.square().sum(HEAD_DIM_AXIS[name], keepdim=True) + 1e-12).sqrt()  # smooth at 0 (x.norm's grad is not)
+    return x * (torch.tanh(norm) / norm)
 
 
 def head_pooled_square(name: str, g: torch.Tensor) -> torch.Tensor:
