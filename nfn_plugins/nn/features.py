@@ -45,6 +45,11 @@ def _zeros_like_stream(ws: WeightSpace) -> torch.Tensor:
     return q.new_zeros(q.shape[:3] + (ws.spec.d_model,))
 
 
+def _mean_square(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean of squares along ``dim`` without a full-size temporary."""
+    return torch.linalg.vector_norm(x, dim=dim).square() / x.shape[dim]
+
+
 class BlockFeatures(NamedTuple):
     stream: torch.Tensor  # [B, C, L, D, len(STREAM_FEATURES)]
     unit: torch.Tensor  # [B, C, L, A, len(UNIT_FEATURES)]
@@ -75,10 +80,9 @@ def block_features(ws: WeightSpace) -> BlockFeatures:
             u[f"{name}_mean"] = u[f"{name}_sq"] = zero_a
             continue
         x = ws[name]
-        sq = x.square()
         stream_dim = -2 if unit_dim == -1 else -1
-        f[f"{name}_mean"], f[f"{name}_sq"] = x.mean(unit_dim), sq.mean(unit_dim)
-        u[f"{name}_mean"], u[f"{name}_sq"] = x.mean(stream_dim), sq.mean(stream_dim)
+        f[f"{name}_mean"], f[f"{name}_sq"] = x.mean(unit_dim), _mean_square(x, unit_dim)
+        u[f"{name}_mean"], u[f"{name}_sq"] = x.mean(stream_dim), _mean_square(x, stream_dim)
     up_down = ws["up"] * ws["down"].transpose(-1, -2)  # unit j's read-write product, scale-invariant
     f["up_down"], u["up_down"] = up_down.mean(-1), up_down.mean(-2)
     for name in ("o_bias", "down_bias", "norm1_weight", "norm1_bias", "norm2_weight", "norm2_bias"):

@@ -113,7 +113,8 @@ class EquivariantLayer(nn.Module):
         w_eff = w[0] + hs.permute(0, 2, 3, 1).unsqueeze(-1) * w[3]  # per-head mixing [B, L, H, co, c]
         y = (w_eff @ x.movedim(1, 3).reshape(b, n_blocks, n_heads, c, -1)).unflatten(-1, x.shape[4:]).movedim(3, 1)
         along = (lambda v: v[:, :, :, None, None, :]) if name == "o" else (lambda v: v[:, :, :, None, :, None])
-        y = y + along(s_mod) * mix(x, w[1]) + along(s_bc) * mix(x.mean(stream_dim, keepdim=True), w[2])
+        # in-place multiply-adds: these tensors are the size of the model's attention weights times channels
+        y = y.contiguous().addcmul_(along(s_mod), mix(x, w[1])).addcmul_(along(s_bc), mix(x.mean(stream_dim, keepdim=True), w[2]))
         if s_in is None:
             return y, None
         rows = torch.einsum("boli,bclhia->boclha", s_in, x) / x.shape[-2]
@@ -159,10 +160,10 @@ class EquivariantLayer(nn.Module):
             bias = f"{t}_bias" if t != "o" else None  # o_bias lives on the stream, not on a head
             s_in = s[f"{bias}_in"] if bias in ws else None
             out[t], rows = self._gl_update(ws[t], t, s[f"{t}_mod"], s[f"{t}_bc"], s_in, hs)
-            out[t] = out[t] + prods[t]
+            out[t] = out[t].add_(prods[t])
             if s_in is not None:
                 b_id, b_h, b_outer = self._views(ws, bias)
-                out[t] = out[t] + s[f"{bias}_outer"][:, :, :, None, :, None] * b_outer.unsqueeze(-2)
+                out[t] = out[t].addcmul_(s[f"{bias}_outer"][:, :, :, None, :, None], b_outer.unsqueeze(-2))
                 hb = h[bias] if t == "q" else group_mean(h[bias].unsqueeze(-1), g).squeeze(-1)
                 out[bias] = b_id + hb[..., None] * b_h + rows
 
