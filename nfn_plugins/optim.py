@@ -22,15 +22,14 @@ wrapped base optimizer (AdamW by default) that shares this optimizer's param gro
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import checkpoints
 from .extract import Binding, bind
 from .nn.features import summarize_outer
 from .nn.model import TransformerNFNEncoder
@@ -40,7 +39,6 @@ from .weight_space import WeightSpace
 
 logger = logging.getLogger(__name__)
 FORMAT = "nfn-plugins-learned-update/1"
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 HEAD_DIM_AXIS = {"q": -1, "k": -1, "v": -1, "o": -2, "q_bias": -1, "k_bias": -1, "v_bias": -1}
 INPUTS = ("weight", "grad", "momentum", "adam_direction")
 
@@ -72,6 +70,7 @@ class LearnedUpdate(nn.Module):
                                              final_activation=False, out_channels=1)
         self.gain = nn.Parameter(torch.zeros(len(BLOCK_AXES)))  # per block-tensor type; 0 = plain equivariant Adam
         self.max_correction = max_correction
+        self.meta: dict = {}
 
     def forward(self, inputs: WeightSpace) -> dict[str, torch.Tensor]:
         """inputs [1, 4] -> {block tensor: correction (unbatched)}, each entry bounded by max_correction."""
@@ -81,36 +80,19 @@ class LearnedUpdate(nn.Module):
         return {name: gains[i] * bounded(name, out[name][0, 0]) for i, name in enumerate(BLOCK_AXES) if name in out}
 
     def save_pretrained(self, directory: str | os.PathLike, **meta) -> None:
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().contiguous() for k, v in self.state_dict().items()}, str(d / ".tmp.safetensors"))
-        os.replace(d / ".tmp.safetensors", d / "model.safetensors")
-        (d / ".tmp.json").write_text(json.dumps({"format": FORMAT, "config": self.config, "meta": meta}, indent=2))
-        os.replace(d / ".tmp.json", d / "config.json")
+        checkpoints.save(directory, self.state_dict(), FORMAT, self.config, meta)
 
     @staticmethod
     def available() -> list[str]:
         """Names of the learned updates shipped with the package."""
-        return sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "config.json").exists()
-                      and json.loads((p / "config.json").read_text()).get("format") == FORMAT)
+        return checkpoints.available(FORMAT)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike) -> "LearnedUpdate":
-        from safetensors.torch import load_file
-
-        d = Path(name_or_dir)
-        if not (d / "config.json").exists():
-            d = PRETRAINED_DIR / str(name_or_dir)
-        if not (d / "config.json").exists():
-            raise FileNotFoundError(
-                f"no learned optimizer at {name_or_dir!r} (shipped: {', '.join(cls.available()) or 'none'})")
-        cfg = json.loads((d / "config.json").read_text())
-        if cfg.get("format") != FORMAT:
-            raise ValueError(f"{d} does not hold an nfn-plugins learned update (format {cfg.get('format')!r})")
-        model = cls(**cfg["config"])
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        config, meta, state = checkpoints.load(name_or_dir, FORMAT, "learned optimizer")
+        model = cls(**config)
+        model.load_state_dict(state)
+        model.meta = meta
         return model
 
 

@@ -8,16 +8,15 @@ augmentation with random group elements.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import checkpoints
 from .extract import extract_weights
 from .group import SymmetryGroup
 from .metrics import regression_report
@@ -25,7 +24,6 @@ from .nn import TransformerNFN
 from .weight_space import WeightSpace
 
 FORMAT = "nfn-plugins-accuracy-predictor/1"
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 Group = tuple[WeightSpace, torch.Tensor]  # weight spaces [N] of one architecture, labels [N]
 
@@ -178,39 +176,17 @@ class AccuracyPredictor(nn.Module):
     # -- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, **meta) -> None:
         """safetensors weights + JSON config (written atomically)."""
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().float() for k, v in self.state_dict().items()}
-        tmp = d / ".model.safetensors.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, d / "model.safetensors")
-        config = {"format": FORMAT, "config": asdict(self.config), "meta": {**self.meta, **meta}}
-        (d / ".config.json.tmp").write_text(json.dumps(config, indent=2))
-        os.replace(d / ".config.json.tmp", d / "config.json")
+        checkpoints.save(directory, self.state_dict(), FORMAT, asdict(self.config), {**self.meta, **meta})
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike) -> "AccuracyPredictor":
         """Load from a directory, or by the name of a predictor shipped with the package (see `available`)."""
-        from safetensors.torch import load_file
-
-        d = Path(name_or_dir)
-        if not (d / "config.json").exists():
-            d = PRETRAINED_DIR / str(name_or_dir)
-        if not (d / "config.json").exists():
-            raise FileNotFoundError(
-                f"no predictor at {name_or_dir!r}: not a directory with config.json, and not a shipped name "
-                f"(shipped: {', '.join(cls.available()) or 'none'})")
-        config = json.loads((d / "config.json").read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{d / 'config.json'} is not an nfn-plugins accuracy predictor (format {config.get('format')!r})")
-        model = cls(PredictorConfig(**config["config"]))
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
-        model.meta = config.get("meta", {})
+        config, meta, state = checkpoints.load(name_or_dir, FORMAT, "accuracy predictor")
+        model = cls(PredictorConfig(**config))
+        model.load_state_dict(state)
+        model.meta = meta
         return model.eval()
 
     @staticmethod
     def available() -> list[str]:
-        return sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "config.json").exists()
-                      and json.loads((p / "config.json").read_text()).get("format") == FORMAT)
+        return checkpoints.available(FORMAT)

@@ -211,3 +211,18 @@ def test_accelerate_prepare_with_gradient_accumulation():
         if i == 0:  # first micro-batch: accumulating, no update yet
             assert torch.equal(extract_weights(model)["q"], before)
     assert not torch.equal(extract_weights(model)["q"], before)
+
+
+def test_learned_update_save_and_load(tmp_path):
+    lu = _learned(dtype=torch.float32)
+    lu.save_pretrained(tmp_path / "lu", note="test")
+    loaded = LearnedUpdate.from_pretrained(tmp_path / "lu")
+    assert all(torch.equal(a, b) for a, b in zip(lu.state_dict().values(), loaded.state_dict().values()))
+    assert loaded.meta["note"] == "test"
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        LearnedUpdate.from_pretrained("no-such-optimizer")
+    with pytest.raises(ValueError, match="not an nfn-plugins learned optimizer"):
+        from nfn_plugins.predictor import AccuracyPredictor, PredictorConfig
+
+        AccuracyPredictor(PredictorConfig(channels=2, hidden=4, product_channels=1)).save_pretrained(tmp_path / "p")
+        LearnedUpdate.from_pretrained(tmp_path / "p")

@@ -1,0 +1,48 @@
+"""Pretrained weights on disk: safetensors + JSON config, written atomically, found by directory or shipped name.
+
+Shipped weights live in ``nfn_plugins/pretrained/<name>/`` (small files: users need no training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+def available(fmt: str) -> list[str]:
+    """Names of the shipped checkpoints of format ``fmt``."""
+    return sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "config.json").exists()
+                  and json.loads((p / "config.json").read_text()).get("format") == fmt)
+
+
+def save(directory: str | os.PathLike, state: dict[str, torch.Tensor], fmt: str, config: dict, meta: dict) -> None:
+    """``model.safetensors`` + ``config.json`` in ``directory``, each replaced atomically."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(d / ".model.safetensors.tmp"))
+    os.replace(d / ".model.safetensors.tmp", d / "model.safetensors")
+    (d / ".config.json.tmp").write_text(json.dumps({"format": fmt, "config": config, "meta": meta}, indent=2))
+    os.replace(d / ".config.json.tmp", d / "config.json")
+
+
+def load(name_or_dir: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(config, meta, state) from a directory or a shipped name; clear errors for anything else."""
+    from safetensors.torch import load_file
+
+    d = Path(name_or_dir)
+    if not (d / "config.json").exists():
+        d = PRETRAINED_DIR / str(name_or_dir)
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"no {what} at {name_or_dir!r}: not a directory with config.json, and not a shipped "
+                                f"name (shipped: {', '.join(available(fmt)) or 'none'})")
+    cfg = json.loads((d / "config.json").read_text())
+    if cfg.get("format") != fmt:
+        raise ValueError(f"{d / 'config.json'} is not an nfn-plugins {what} (format {cfg.get('format')!r}, expected {fmt!r})")
+    return cfg["config"], cfg.get("meta", {}), load_file(str(d / "model.safetensors"))
