@@ -1,6 +1,12 @@
-"""PEFT models as weight spaces: a LoRA layer contributes its effective weight (base + active, unmerged deltas)."""
+"""PEFT models as weight spaces: a LoRA layer contributes its effective weight (base + active, unmerged deltas).
+
+A model holding PEFT layers can only exist once peft has been imported, so these checks look at
+``sys.modules`` instead of importing peft (a multi-second import) for every plain model.
+"""
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -8,21 +14,21 @@ from torch import nn
 
 def peft_base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a ``PeftModel`` (its layers may be LoRA-wrapped); other models unchanged."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is optional at run time
+    if sys.modules.get("peft") is None:
         return model
+    from peft import PeftModel
+
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def tuner_kind(module: nn.Module) -> str | None:
     """'lora', 'modules_to_save', 'other' for PEFT layers, None for anything else."""
-    try:
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import ModulesToSaveWrapper
-    except ImportError:
+    if sys.modules.get("peft") is None:
         return None
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
     if isinstance(module, LoraLayer):
         return "lora"
     if isinstance(module, ModulesToSaveWrapper):

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .families import FAMILIES, BlockRule, Family, mlp_scale, supported_families
+from . import families as _families
+from .families import BlockRule, Family, mlp_scale, supported_families
 from .params import ParamHandle, parameter_table, root_model
 from .spec import BLOCK_AXES, REQUIRED_BLOCK_TENSORS, Axis, TensorSpec, WeightSpaceSpec
 from .weight_space import WeightSpace
@@ -133,7 +134,7 @@ def _spec_difference(a: WeightSpaceSpec, b: WeightSpaceSpec) -> str:
 
 def _find_blocks(root: nn.Module, table: dict[str, ParamHandle]) -> tuple[Family, str, int]:
     lists = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    for family in FAMILIES:
+    for family in _families.FAMILIES:  # looked up now: families registered after import count too
         required = [r.path for r in family.block_rules if set(r.parts) & set(REQUIRED_BLOCK_TENSORS)]
         for name, mlist in lists:
             if re.fullmatch(family.block_list, name) and all(f"{name}.0.{p}" in table for p in required):

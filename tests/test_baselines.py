@@ -62,9 +62,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def paper_group_element(spec: WeightSpaceSpec, gen) -> GroupElement:
     """Head permutations, per-head GL maps (Q/K and V/O) and MLP unit permutations: no stream permutation,
-    no ReLU scales (the part of our group the paper's model is built to respect)."""
-    g = SymmetryGroup(spec).sample(gen)
-    return replace(g, stream_perm=torch.arange(spec.d_model), mlp_scale=torch.ones_like(g.mlp_scale))
+    no ReLU scales or stream signs (the part of our group the paper's model is built to respect)."""
+    g = SymmetryGroup(spec).sample(gen, unit_scales=False)
+    return replace(g, stream_perm=torch.arange(spec.d_model))
 
 
 def permute_middle(ws_or_feats, perms: torch.Tensor, spec: WeightSpaceSpec):

