@@ -157,6 +157,10 @@ class AccuracyPredictor(nn.Module):
                 if cfg.augment:
                     xb = groups_of[id(ws.spec)].sample(gen, dtype=torch.float32).act(xb)
                 logits = model(xb)
+                if not torch.isfinite(logits).all():
+                    bad = idx[~torch.isfinite(logits.detach())].tolist()
+                    raise FloatingPointError(f"non-finite predictions for training items {bad} of architecture "
+                                             f"{ws.spec.family} (check those weights for inf/NaN or overflow)")
                 loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
                 opt.zero_grad()
                 (accelerator.backward(loss) if accelerator else loss.backward())

@@ -158,3 +158,33 @@ def test_scale_normalisation_is_equivariant_and_keeps_log_scales_invariant():
     doubled, logs_doubled = normalize_scales(ws.map(lambda x: 2 * x))
     assert _max_rel(doubled, normed) < TOL  # magnitude goes to the log-scales only
     assert torch.allclose(logs_doubled[logs != 0], logs[logs != 0] + torch.log(torch.tensor(2.0, dtype=torch.float64)))
+
+
+
+
+
+def _orthogonal_qk(ws: WeightSpace, gen: torch.Generator) -> WeightSpace:
+    """q of rank d-1 per head and k = w n^T with q n = 0: attention scores q k^T are exactly 0 (a dead head)."""
+    q, k = ws["q"].clone(), ws["k"].clone()
+    d = q.shape[-1]
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in q.shape[:-2])):
+        mix = torch.randn(d - 1, d, generator=gen, dtype=torch.float64)
+        null = torch.linalg.svd(mix).Vh[-1]  # mix @ null = 0
+        q[tuple(idx)] = (torch.randn(q.shape[-2], d - 1, generator=gen, dtype=torch.float64) @ mix).to(q.dtype)
+        k[tuple(idx)] = torch.outer(torch.randn(k.shape[-2], generator=gen, dtype=torch.float64), null).to(k.dtype)
+    return WeightSpace(ws.spec, {n: {"q": q, "k": k}.get(n, t) for n, t in ws.items()})
+
+
+def test_dead_attention_heads_stay_finite():
+    """Heads whose scores q k^T vanish while q and k do not (dead heads: a real zoo member had |q|, |k| ~ 3e-3
+    and q k^T ~ 0) must give finite outputs and gradients in float32: ||q k^T|| computed from Gram traces
+    cancels to rounding noise, below zero half the time."""
+    ws = _orthogonal_qk(_batch("bert", b=4, c=1), torch.Generator().manual_seed(0))
+    ws = WeightSpace(ws.spec, {n: 1e-3 * t if n in ("q", "k", "q_bias", "k_bias") else t for n, t in ws.items()}).float()
+    assert float((ws["q"].double() @ ws["k"].double().transpose(-1, -2)).abs().max()) < 1e-10
+    torch.manual_seed(0)
+    nfn = TransformerNFN(in_channels=1, channels=4)
+    out = nfn(ws)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in nfn.parameters() if p.grad is not None)

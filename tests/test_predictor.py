@@ -71,6 +71,9 @@ def test_bad_training_data_is_refused():
         as_groups((ws, y * 5))
     with pytest.raises(ValueError, match="do not match"):
         as_groups((ws, y[:3]))
+    ws.tensors["up"][2] = float("inf")  # overflowed weights: a clear error naming the item, not NaN training
+    with pytest.raises(FloatingPointError, match=r"items \[2\]"):
+        AccuracyPredictor(SMALL).fit((ws, y), config=FitConfig(epochs=1, batch_size=4, augment=False), progress=False)
 
 
 def test_end_to_end_on_a_tiny_real_zoo(tmp_path):

@@ -56,6 +56,18 @@ class BlockFeatures(NamedTuple):
     head: torch.Tensor  # [B, C, L, H, len(HEAD_FEATURES)]
 
 
+def product_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a b||_F^2 for a [..., D, d], b [..., d, D] without the D x D product: tr((a^T a)(b b^T)).
+
+    The trace cancels heavily when a b is small next to |a| |b| (decayed or near-orthogonal attention), so
+    it is summed in float64 and clamped at 0; in float32 it rounds to noise or below zero there.
+    """
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.double(), b.double()
+    sq = ((a.transpose(-1, -2) @ a) * (b @ b.transpose(-1, -2))).sum((-1, -2))
+    return sq.clamp_min(0).to(dtype)
+
+
 def block_features(ws: WeightSpace) -> BlockFeatures:
     """Per-block invariant features by stream coordinate, MLP unit and head (each product computed once)."""
     spec, g = ws.spec, ws.spec.group_size

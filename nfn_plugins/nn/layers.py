@@ -32,6 +32,7 @@ from .features import (
     group_mean,
     outer_kind,
     outer_stream_rows,
+    product_sq_norm,
     stream_axis,
 )
 
@@ -126,8 +127,8 @@ class EquivariantLayer(nn.Module):
         q, o = mix(ws["q"], self.prod_in["q"]), mix(ws["o"], self.prod_in["o"])
         k, v = expand_kv(mix(ws["k"], self.prod_in["k"]), g), expand_kv(mix(ws["v"], self.prod_in["v"]), g)
         gram = lambda a, b: a.transpose(-1, -2) @ b  # noqa: E731  sums over the stream axis
-        n_qk = ((gram(q, q) * gram(k, k)).sum((-1, -2)) + 1e-12).sqrt()  # ||q k^T||_F
-        n_vo = ((gram(v, v) * (o @ o.transpose(-1, -2))).sum((-1, -2)) + 1e-12).sqrt()  # ||v o||_F
+        n_qk = (product_sq_norm(q, k.transpose(-1, -2)) + 1e-12).sqrt()  # ||q k^T||_F
+        n_vo = (product_sq_norm(v, o) + 1e-12).sqrt()  # ||v o||_F
         kq, oq, ov, kv, ok = gram(k, q), o @ q, o @ v, gram(k, v), o @ k
         nqk, nvo = n_qk[..., None, None], n_vo[..., None, None]
         out = {

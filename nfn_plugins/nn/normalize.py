@@ -13,7 +13,7 @@ import torch
 
 from ..spec import BLOCK_AXES
 from ..weight_space import WeightSpace
-from .features import expand_kv, outer_kind
+from .features import expand_kv, outer_kind, product_sq_norm
 
 QK_GROUP = ("q", "k", "q_bias", "k_bias")
 VO_GROUP = ("v", "o", "v_bias")
@@ -23,9 +23,8 @@ EPS = 1e-12
 
 
 def _product_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """mean over blocks and heads of ||a_h b_h||_F, via tr((a^T a)(b b^T)); a: [..., D, d], b: [..., d, D]."""
-    sq = ((a.transpose(-1, -2) @ a) * (b @ b.transpose(-1, -2))).sum((-1, -2))
-    return (sq + EPS).sqrt().flatten(2).mean(-1)
+    """mean over blocks and heads of ||a_h b_h||_F; a: [..., D, d], b: [..., d, D]."""
+    return (product_sq_norm(a, b) + EPS).sqrt().flatten(2).mean(-1)
 
 
 def normalize_scales(ws: WeightSpace) -> tuple[WeightSpace, torch.Tensor]:
