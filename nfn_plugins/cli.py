@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "nfn_plugins.demo",
     "nfn_plugins.zoo.cli",
     "nfn_plugins.meta_train",
+    "nfn_plugins.predictor_cli",
 )
 
 
@@ -18,13 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nfn-plugins", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(name).add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -178,6 +178,11 @@ def _checkpoint(out: Path, learned, meta_opt, done: int, elapsed: float, cfg: Me
 
 def _run(args: argparse.Namespace) -> int:
     cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init)
+    if args.task_steps:
+        lo, hi = (int(x) for x in args.task_steps.split(","))
+        if not 0 < lo <= hi:
+            raise SystemExit(f"--task-steps must be MIN,MAX with 0 < MIN <= MAX, got {args.task_steps!r}")
+        cfg.task_steps = (lo, hi)
     if args.max_truncations:
         cfg.max_truncations = args.max_truncations
     if args.threads:
@@ -197,5 +202,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int)
     m.add_argument("--init", help="start from this learned update (directory or shipped name)")
+    m.add_argument("--task-steps", help="MIN,MAX training steps per task (default 40,240); longer tasks "
+                   "meta-train for longer training runs")
     m.set_defaults(func=_run)
 

@@ -53,3 +53,26 @@ def test_two_process_ddp_replicas_stay_bit_identical(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     assert not torch.equal(r0, initial)  # it trained
     assert torch.equal(r0, r1)  # and both replicas hold the same bits
+
+
+def _predictor_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    from nfn_plugins.predictor import FitConfig
+    from nfn_plugins.predictor_cli import _accelerator
+    from test_predictor import SMALL, AccuracyPredictor, _synthetic
+
+    acc = _accelerator()
+    assert acc is not None and acc.num_processes == WORLD
+    model = AccuracyPredictor(SMALL)
+    model.fit(_synthetic(32, 16, 0), None, FitConfig(epochs=2, batch_size=8), accelerator=acc, progress=False)
+    torch.save(torch.cat([p.detach().flatten() for p in model.parameters()]), os.path.join(out_dir, f"rank{rank}.pt"))
+    acc.end_training()
+
+
+def test_predictor_fit_under_two_process_ddp(tmp_path):
+    """Each process trains on its share of the mini-batches; gradients are averaged, replicas stay identical."""
+    mp.spawn(_predictor_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    assert torch.equal(r0, r1)

@@ -90,3 +90,17 @@ def test_end_to_end_on_a_tiny_real_zoo(tmp_path):
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["train_bce"])) for h in history)
     preds = model.predict(zoo)
     assert preds.shape == (len(zoo),) and ((preds >= 0) & (preds <= 1)).all()
+
+
+def test_fit_command_trains_and_saves_a_loadable_predictor(tmp_path):
+    """`nfn-plugins predictor fit` (the recipe behind the shipped predictors) on a tiny real zoo."""
+    from nfn_plugins.cli import main
+    from nfn_plugins.zoo import build_zoo
+    from nfn_plugins.zoo.presets import preset
+
+    build_zoo(preset("tiny"), tmp_path / "zoo", progress=False)
+    assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "p"), "--epochs", "1"]) == 0
+    loaded = AccuracyPredictor.from_pretrained(tmp_path / "p")
+    assert "tiny" in loaded.meta["summary"] and len(loaded.meta["history"]) == 1
+    with pytest.raises(SystemExit, match="no finite checkpoints at epoch 99"):
+        main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "q"), "--epoch", "99"])
