@@ -31,7 +31,8 @@ from _common import machine_info, save_figure_atomic, write_atomic, write_json_a
 from nfn_plugins.optim import LearnedUpdate, NFNOptimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+MINILM_ADAMW_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
 
 
 def _task(name: str, seed: int):
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for task in args.tasks.split(","):
         steps = args.minilm_steps if task == "minilm-finetune" else args.steps
-        grid = ADAMW_GRID if task != "minilm-finetune" else (1e-5, 3e-5, 1e-4)
+        grid = ADAMW_GRID if task != "minilm-finetune" else MINILM_ADAMW_GRID
         nfn_lr = args.nfn_lr if task != "minilm-finetune" else 3e-5
         runs = [("adamw", lr) for lr in grid] + [("adam-default", 1e-3 if task != "minilm-finetune" else 1e-3),
                                                   ("equivariant-adam", nfn_lr), ("nfn", nfn_lr)]
@@ -193,7 +194,7 @@ def markdown(summary: list[dict], args) -> str:
     lines = [
         "# Learned equivariant optimizer vs AdamW", "",
         f"Learned update: `{args.learned}`; NFN optimizer lr {args.nfn_lr} (not tuned); AdamW lr tuned per task on "
-        f"{ADAMW_GRID} (MiniLM: 1e-5, 3e-5, 1e-4); Adam at its default lr 1e-3. Batch 64, weight decay 0, "
+        f"{ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Batch 64, weight decay 0, "
         "losses are an EMA (0.95) of the training loss. `steps to AdamW final`: first step at which the "
         "optimizer's loss reaches tuned AdamW's loss at the end of the budget (blank: never).", "",
         "![loss curves](optimizer_curves.png)", "",
@@ -210,27 +211,35 @@ def markdown(summary: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> None:
+    """Loss curves per task: tuned AdamW bold, the rest of its grid faint, ours in colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = {"adam-default": dict(color="tab:red", ls=":", lw=1.2),
+              "equivariant-adam": dict(color="tab:blue", ls="-", lw=1.2),
+              "nfn": dict(color="tab:purple", ls="-", lw=1.8)}
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for r in rows:
-            if r["task"] != task:
-                continue
-            style = "-" if r["optimizer"] in ("nfn", "equivariant-adam") else ":"
-            ax.plot(r["curve"], style, label=f"{r['optimizer']} {r['lr']:g}", lw=1.4 if r["optimizer"] == "nfn" else 0.9)
+        runs = [r for r in rows if r["task"] == task]
+        best = min((r for r in runs if r["optimizer"] == "adamw"), key=lambda r: r["final_loss"])
+        for r in runs:
+            if r["optimizer"] == "adamw":
+                style = dict(color="black", lw=1.6) if r is best else dict(color="grey", lw=0.7, alpha=0.5)
+                label = f"adamw {r['lr']:g}" + (" (tuned)" if r is best else "")
+            else:
+                style, label = styles[r["optimizer"]], f"{r['optimizer']} {r['lr']:g}"
+            ax.plot(r["curve"], label=label, **style)
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_yscale("log")
+        ax.legend(fontsize=6)
     axes[0][0].set_ylabel("training loss (EMA)")
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    save_figure_atomic(fig, RESULTS / "optimizer_curves.png", dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

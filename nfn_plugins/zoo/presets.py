@@ -37,36 +37,18 @@ def _hf_archs(family: str, **extra) -> list[dict]:
     ]
 
 
+def _paper_zoo(name: str, dataset: str, **extra) -> ZooConfig:
+    """The paper's model and grid: 416 members x checkpoints after epochs 1, 2, 4, 8, 16."""
+    return ZooConfig(name=name, dataset=dataset, archs=[{"family": "paper"}], grid=PAPER_GRID, n_members=416,
+                     checkpoint_epochs=[1, 2, 4, 8, 16], steps_per_epoch=75, batch_size=16, eval_test_size=1000,
+                     eval_train_size=200, members_per_batch=64, **extra)
+
+
 PRESETS: dict[str, ZooConfig] = {
     # >= 2,000 checkpoints: 416 members x 5 checkpoint epochs, MNIST, the paper's model and grid.
-    "mnist-paper": ZooConfig(
-        name="mnist-paper",
-        dataset="mnist",
-        archs=[{"family": "paper"}],
-        grid=PAPER_GRID,
-        n_members=416,
-        checkpoint_epochs=[1, 2, 4, 8, 16],
-        steps_per_epoch=75,
-        batch_size=16,
-        eval_test_size=1000,
-        eval_train_size=200,
-        members_per_batch=64,
-    ),
+    "mnist-paper": _paper_zoo("mnist-paper", "mnist"),
     # the paper's model on movie-review sentiment (its own 2,000-word vocabulary, 48 tokens); same budget
-    "movies-paper": ZooConfig(
-        name="movies-paper",
-        dataset="movie_reviews",
-        dataset_kwargs={"max_len": 48, "vocab_size": 2000},
-        archs=[{"family": "paper"}],
-        grid=PAPER_GRID,
-        n_members=416,
-        checkpoint_epochs=[1, 2, 4, 8, 16],
-        steps_per_epoch=75,
-        batch_size=16,
-        eval_test_size=1000,
-        eval_train_size=200,
-        members_per_batch=64,
-    ),
+    "movies-paper": _paper_zoo("movies-paper", "movie_reviews", dataset_kwargs={"max_len": 48, "vocab_size": 2000}),
     # HF ViT on MNIST: widths 16-64, 2 or 4 heads, 1-3 blocks, 7x7 patches (16 tokens)
     "mnist-vit": ZooConfig(
         name="mnist-vit",
