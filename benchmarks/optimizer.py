@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--nfn-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--quick", action="store_true", help="100 steps, two tasks, for smoke tests")
+    p.add_argument("--name", default="optimizer", help="results file stem in benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.minilm_steps, args.tasks = 100, 10, "mnist-new-seeds,movies-bert"
@@ -162,10 +163,10 @@ def main(argv=None) -> int:
                   f"step {1e3 * r['step_s']:.1f} ms (opt {1e3 * r['opt_step_s']:.1f} ms)", flush=True)
             rows.append(r)
     summary = summarize(rows)
-    write_json_atomic(RESULTS / "optimizer.json", {"machine": machine_info(), "args": vars(args),
-                                                   "summary": summary, "runs": rows})
-    write_atomic(RESULTS / "optimizer.md", markdown(summary, args))
-    plot(rows)
+    write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
+                                                      "summary": summary, "runs": rows})
+    write_atomic(RESULTS / f"{args.name}.md", markdown(summary, args, learned.meta))
+    plot(rows, RESULTS / f"{args.name}_curves.png")
     return 0
 
 
@@ -190,14 +191,16 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(summary: list[dict], args) -> str:
+def markdown(summary: list[dict], args, learned_meta: dict) -> str:
+    mc = learned_meta.get("meta_config", {})
     lines = [
         "# Learned equivariant optimizer vs AdamW", "",
-        f"Learned update: `{args.learned}`; NFN optimizer lr {args.nfn_lr} (not tuned); AdamW lr tuned per task on "
+        f"Learned update: `{args.learned}` (meta-trained {learned_meta.get('truncations', '?')} truncations in "
+        f"{learned_meta.get('minutes', 0):.0f} min on tasks of {mc.get('task_steps', '?')} steps); NFN optimizer lr {args.nfn_lr} (not tuned); AdamW lr tuned per task on "
         f"{ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Batch 64, weight decay 0, "
         "losses are an EMA (0.95) of the training loss. `steps to AdamW final`: first step at which the "
         "optimizer's loss reaches tuned AdamW's loss at the end of the budget (blank: never).", "",
-        "![loss curves](optimizer_curves.png)", "",
+        f"![loss curves]({args.name}_curves.png)", "",
         "| task | optimizer | lr | final loss | test acc | steps to AdamW final / budget | step time vs AdamW | "
         "optimizer step (ms) | state memory vs AdamW |",
         "|---|---|---|---|---|---|---|---|---|",
