@@ -196,7 +196,8 @@ def markdown(summary: list[dict], args, learned_meta: dict) -> str:
     lines = [
         "# Learned equivariant optimizer vs AdamW", "",
         f"Learned update: `{args.learned}` (meta-trained {learned_meta.get('truncations', '?')} truncations in "
-        f"{learned_meta.get('minutes', 0):.0f} min on tasks of {mc.get('task_steps', '?')} steps); NFN optimizer lr {args.nfn_lr} (not tuned); AdamW lr tuned per task on "
+        f"{learned_meta.get('minutes', 0):.0f} min on tasks of {mc.get('task_steps', '?')} steps); "
+        f"NFN optimizer lr {args.nfn_lr} (not tuned); AdamW lr tuned per task on "
         f"{ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Batch 64, weight decay 0, "
         "losses are an EMA (0.95) of the training loss. `steps to AdamW final`: first step at which the "
         "optimizer's loss reaches tuned AdamW's loss at the end of the budget (blank: never).", "",

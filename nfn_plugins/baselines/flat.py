@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ..spec import WeightSpaceSpec
 from ..weight_space import WeightSpace
-from .statnn import Standardizer, mlp
+from .statnn import FeatureMLP
 
 
 def _sample_indices(total: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -33,7 +32,7 @@ def _sample_indices(total: int, k: int, generator: torch.Generator) -> torch.Ten
     return chosen[keep].sort().values
 
 
-class FlatMLP(nn.Module):
+class FlatMLP(FeatureMLP):
     """Concatenate the weights (spec order, row-major) -> optional random subset -> standardise -> MLP.
 
     Args:
@@ -58,27 +57,21 @@ class FlatMLP(nn.Module):
         dropout: float = 0.0,
         sigmoid: bool = True,
     ):
-        super().__init__()
-        self.spec = spec
-        self.tensor_names = tuple(tensors) if tensors is not None else spec.names
-        sizes = [spec[n].shape for n in self.tensor_names]
-        numels = [int(torch.Size(s).numel()) for s in sizes]
+        names = tuple(tensors) if tensors is not None else spec.names
+        numels = [int(torch.Size(spec[n].shape).numel()) for n in names]
         total = sum(numels)
-        self.n_weights = total
-        self._full = max_features is None or max_features >= total
-        if not self._full:
+        full = max_features is None or max_features >= total
+        n_selected = total if full else int(max_features)
+        super().__init__(n_selected * in_channels, hidden, out_dim, dropout, sigmoid)
+        self.spec, self.tensor_names, self.in_channels = spec, names, in_channels
+        self.n_weights, self.n_selected, self._full = total, n_selected, full
+        if not full:
             idx = _sample_indices(total, max_features, torch.Generator().manual_seed(seed))
             start = 0
             for i, n in enumerate(numels):
                 local = idx[(idx >= start) & (idx < start + n)] - start
                 self.register_buffer(f"index_{i}", local)
                 start += n
-        self.n_selected = total if self._full else int(max_features)
-        self.in_channels = in_channels
-        self.n_features = self.n_selected * in_channels
-        self.normalizer = Standardizer(self.n_features)
-        self.mlp = mlp(self.n_features, hidden, out_dim, dropout)
-        self.sigmoid = sigmoid
 
     def flatten(self, ws: WeightSpace) -> torch.Tensor:
         """The (selected) weights of ``ws`` (batch dims [B] or [B, C]) as [B, C * n_selected]."""
@@ -94,17 +87,6 @@ class FlatMLP(nn.Module):
             if not self._full:
                 x = x[..., getattr(self, f"index_{i}")]
             parts.append(x)
-        x = torch.cat(parts, dim=-1).reshape(batch[0], -1)
-        if x.shape[-1] != self.n_features:
-            raise ValueError(f"got {x.shape[-1]} features, expected {self.n_features} (check in_channels)")
-        return x.to(self.normalizer.mean.dtype)
+        return self._checked(torch.cat(parts, dim=-1).reshape(batch[0], -1))
 
-    def fit_normalizer(self, data: WeightSpace | torch.Tensor) -> None:
-        """Per-weight mean/std from a training batch (a WeightSpace or output of `flatten`)."""
-        self.normalizer.fit(self.flatten(data) if isinstance(data, WeightSpace) else data)
-
-    def forward(self, ws: WeightSpace | torch.Tensor) -> torch.Tensor:
-        """``ws``: a WeightSpace batch, or the output of `flatten` [B, F]."""
-        x = self.flatten(ws) if isinstance(ws, WeightSpace) else ws.to(self.normalizer.mean.dtype)
-        y = self.mlp(self.normalizer(x))
-        return torch.sigmoid(y) if self.sigmoid else y
+    features = flatten

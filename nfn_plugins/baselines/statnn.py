@@ -121,9 +121,38 @@ def mlp(n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0) -> n
     return nn.Sequential(*layers)
 
 
-class StatNN(nn.Module):
-    """STATNN: `statnn_features` -> standardisation -> MLP -> [B, out_dim] (sigmoid by default, for
-    accuracies in [0, 1]). Call `fit_normalizer` on the training set before training.
+class FeatureMLP(nn.Module):
+    """Fixed features of a weight space -> standardisation -> MLP -> [B, out_dim] (sigmoid by default, for
+    accuracies in [0, 1]). Subclasses define `features`; call `fit_normalizer` on the training set first."""
+
+    def __init__(self, n_features: int, hidden: Sequence[int], out_dim: int, dropout: float, sigmoid: bool):
+        super().__init__()
+        self.n_features = n_features
+        self.normalizer = Standardizer(n_features)
+        self.mlp = mlp(n_features, hidden, out_dim, dropout)
+        self.sigmoid = sigmoid
+
+    def features(self, ws: WeightSpace) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.n_features:
+            raise ValueError(f"got {x.shape[-1]} features, expected {self.n_features} (check in_channels)")
+        return x.to(self.normalizer.mean.dtype)
+
+    def fit_normalizer(self, data: WeightSpace | torch.Tensor) -> None:
+        """Set the feature mean/std from a training batch (a WeightSpace or precomputed features)."""
+        self.normalizer.fit(self.features(data) if isinstance(data, WeightSpace) else data)
+
+    def forward(self, ws: WeightSpace | torch.Tensor) -> torch.Tensor:
+        """``ws``: a WeightSpace batch, or precomputed `features` [B, F] (cheaper when training)."""
+        x = self.features(ws) if isinstance(ws, WeightSpace) else ws.to(self.normalizer.mean.dtype)
+        y = self.mlp(self.normalizer(x))
+        return torch.sigmoid(y) if self.sigmoid else y
+
+
+class StatNN(FeatureMLP):
+    """STATNN: `statnn_features` -> standardisation -> MLP.
 
     Args:
         spec: the weight space (only its tensor names and shapes matter: F is fixed by it).
@@ -141,34 +170,16 @@ class StatNN(nn.Module):
         dropout: float = 0.0,
         sigmoid: bool = True,
     ):
-        super().__init__()
+        super().__init__(len(statnn_feature_names(spec, per_block)) * in_channels, hidden, out_dim, dropout, sigmoid)
         self.spec = spec
         self.per_block = per_block
-        self.n_features = len(statnn_feature_names(spec, per_block)) * in_channels
-        self.normalizer = Standardizer(self.n_features)
-        self.mlp = mlp(self.n_features, hidden, out_dim, dropout)
-        self.sigmoid = sigmoid
 
     def features(self, ws: WeightSpace) -> torch.Tensor:
         if ws.spec.names != self.spec.names or any(ws.spec[n].shape != self.spec[n].shape for n in self.spec.names):
             raise ValueError("StatNN was built for a different weight space (tensor names or shapes differ)")
-        x = statnn_features(ws, self.per_block)
-        if x.shape[-1] != self.n_features:
-            raise ValueError(f"got {x.shape[-1]} features, expected {self.n_features} (check in_channels)")
-        return x.to(self.normalizer.mean.dtype)
-
-    def fit_normalizer(self, data: WeightSpace | torch.Tensor) -> None:
-        """Set the feature mean/std from a training batch (a WeightSpace or precomputed features)."""
-        self.normalizer.fit(self.features(data) if isinstance(data, WeightSpace) else data)
-
-    def forward(self, ws: WeightSpace | torch.Tensor) -> torch.Tensor:
-        """``ws``: a WeightSpace batch, or precomputed `statnn_features` [B, F] (cheaper when training)."""
-        x = self.features(ws) if isinstance(ws, WeightSpace) else ws.to(self.normalizer.mean.dtype)
-        y = self.mlp(self.normalizer(x))
-        return torch.sigmoid(y) if self.sigmoid else y
+        return self._checked(statnn_features(ws, self.per_block))
 
 
-# -- gradient-boosted trees on the same features ------------------------------------------------
 def _sklearn_ensemble():
     try:
         from sklearn import ensemble
