@@ -13,6 +13,8 @@ Writes benchmarks/results/predictor.{json,md} and predictor_scatter.png.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import sys
 import time
@@ -150,7 +152,11 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int) -> lis
 
 
 def _mean_std(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    """Mean and std over the finite values (tau is undefined when a test split has all-equal predictions)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return (float("nan"), float("nan"))
+    return (statistics.mean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
 def markdown(rows, ood, args) -> str:
@@ -168,6 +174,12 @@ def markdown(rows, ood, args) -> str:
         lines.append(f"| {zoo} | {cutoff}% | {method} | {tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} | "
                      f"{l1[0]:.4f} | {sel[0]['params']:,} | {statistics.mean(r['train_seconds'] for r in sel):.0f} | "
                      f"{sel[0]['n_train']}/{sel[0]['n_test']} |")
+    empty = [c for c in args.cutoffs if c not in {r["cutoff"] for r in rows}]
+    if empty:
+        lines += ["", f"Cut-offs with too few members to split (no row above): {', '.join(f'{c}%' for c in empty)}."]
+    small = sorted({r["cutoff"] for r in rows if r["n_test"] < 30})
+    if small:
+        lines += [f"Test splits of fewer than 30 members (tau is noise there): cut-offs {', '.join(f'{c}%' for c in small)}."]
     if ood:
         lines += ["", "## Out of distribution: train on narrower widths, test on the widest", "",
                   "| zoo | train widths | test width | Kendall tau | R2 |", "|---|---|---|---|---|"]
@@ -201,7 +213,7 @@ def scatter(rows) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", action="append", required=True, help="zoo folder (repeatable)")
+    p.add_argument("--zoo", action="append", default=[], help="zoo folder (repeatable)")
     p.add_argument("--ood-zoo", action="append", default=[], help="multi-width zoo for the out-of-distribution test")
     p.add_argument("--epoch", type=int)
     p.add_argument("--cutoffs", type=lambda s: [int(x) for x in s.split(",")], default=[0, 20, 40, 60, 80])
@@ -209,7 +221,17 @@ def main(argv=None) -> int:
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md and the plot from the existing .json")
     args = p.parse_args(argv)
+    if args.report_only:
+        saved = json.loads((RESULTS / "predictor.json").read_text())
+        for key, value in saved["args"].items():
+            setattr(args, key, value)
+        write_atomic(RESULTS / "predictor.md", markdown(saved["rows"], saved["ood"], args))
+        scatter(saved["rows"])
+        return 0
+    if not args.zoo:
+        p.error("give at least one --zoo (or --report-only)")
     if args.quick:
         args.cutoffs, args.seeds, args.epochs = [0], [0], 3
     rows = [r for z in args.zoo for r in benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs)]
