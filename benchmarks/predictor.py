@@ -28,16 +28,11 @@ from _common import machine_info, save_figure_atomic, write_atomic, write_json_a
 
 from nfn_plugins.baselines import FlatMLP, PaperTransformerNFN, StatNN, fit_gbt, predict_gbt  # noqa: E402
 from nfn_plugins.metrics import regression_report  # noqa: E402
-from nfn_plugins.predictor import AccuracyPredictor, FitConfig  # noqa: E402
+from nfn_plugins.predictor import AccuracyPredictor, FitConfig, as_groups  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("ours", "paper-nfn", "statnn", "gbt", "flat-mlp")
-
-
-def _weights(zoo: Zoo):
-    groups = [(z.weights(), z.labels()) for z in zoo.by_arch().values() if len(z)]
-    return groups
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -111,7 +106,7 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
     for cutoff in cutoffs:
         sub = zoo.filter(epoch=epoch, min_test_acc=cutoff / 100)
         for seed in seeds:
-            train, val, test = (_weights(z) for z in sub.split(seed=seed))
+            train, val, test = (as_groups(z) for z in sub.split(seed=seed))
             if not (train and val and test):
                 continue
             for method in methods:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .predictor import AccuracyPredictor, FitConfig
+from .predictor import AccuracyPredictor, FitConfig, as_groups
 
 
 def _accelerator():
@@ -43,8 +43,8 @@ def _run(args: argparse.Namespace) -> int:
         if not len(zoo):
             raise SystemExit(f"{path}: no finite checkpoints{f' at epoch {args.epoch}' if args.epoch else ''}")
         t, v = zoo.split((0.85, 0.15), seed=args.seed)
-        train += [(z.weights(), z.labels()) for z in t.by_arch().values() if len(z)]
-        val += [(z.weights(), z.labels()) for z in v.by_arch().values() if len(z)]
+        train += as_groups(t)
+        val += as_groups(v)
     accelerator = _accelerator()
     model = AccuracyPredictor()
     history = model.fit(train, val, FitConfig(epochs=args.epochs, seed=args.seed), accelerator=accelerator)

@@ -3,7 +3,8 @@
 Importing this package registers the ``zoo`` family (`PaperTransformer`) with `nfn_plugins.extract_weights`.
 """
 
-from .family import ZOO_FAMILY, extract_zoo_weights, load_zoo_weights, register as _register
+from ..families import register_family
+from .family import ZOO_FAMILY, extract_zoo_weights, load_zoo_weights
 from .models import (
     HFClassifier,
     PaperConfig,
@@ -18,7 +19,7 @@ from .models import (
     unwrap,
 )
 
-_register()
+register_family(ZOO_FAMILY)
 
 from .build import (  # noqa: E402  (after the family is registered)
     OPTIMIZERS,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..extract import Binding, bind
-from ..families import BlockRule, Dims, Family, OuterRule, register_family
+from ..families import BlockRule, Dims, Family, OuterRule
 from ..weight_space import WeightSpace
 
 S = "stream"
@@ -63,10 +63,6 @@ ZOO_FAMILY = Family(
 )
 
 
-def register() -> None:
-    register_family(ZOO_FAMILY)
-
-
 def zoo_binding(model: nn.Module) -> Binding:
     """The core's `bind` for a zoo model (`PaperTransformer`, or the HF model inside an `HFClassifier`)."""
     from .models import unwrap
@@ -75,7 +71,7 @@ def zoo_binding(model: nn.Module) -> Binding:
 
 
 def extract_zoo_weights(model: nn.Module) -> WeightSpace:
-    """``nfn_plugins.extract_weights`` for zoo models (unwraps `HFClassifier`, skips the peft import)."""
+    """``nfn_plugins.extract_weights`` for zoo models (also unwraps `HFClassifier`)."""
     return zoo_binding(model).read()
 
 

@@ -37,6 +37,10 @@ def _hf_archs(family: str, **extra) -> list[dict]:
     ]
 
 
+# movie-review text: its own 2,000-word vocabulary, 48 tokens
+MOVIE_TEXT = {"max_len": 48, "vocab_size": 2000}
+
+
 def _paper_zoo(name: str, dataset: str, **extra) -> ZooConfig:
     """The paper's model and grid: 416 members x checkpoints after epochs 1, 2, 4, 8, 16."""
     return ZooConfig(name=name, dataset=dataset, archs=[{"family": "paper"}], grid=PAPER_GRID, n_members=416,
@@ -44,40 +48,24 @@ def _paper_zoo(name: str, dataset: str, **extra) -> ZooConfig:
                      eval_train_size=200, members_per_batch=64, **extra)
 
 
+def _hf_zoo(name: str, dataset: str, archs: list[dict], **extra) -> ZooConfig:
+    """Small HF models over the width/head/depth grid: 768 members x checkpoints after epochs 1, 2, 4, 8."""
+    extra.setdefault("eval_test_size", 1000)
+    return ZooConfig(name=name, dataset=dataset, archs=archs, grid=HF_GRID, n_members=768,
+                     checkpoint_epochs=[1, 2, 4, 8], steps_per_epoch=75, batch_size=16, eval_train_size=200,
+                     members_per_batch=32, **extra)
+
+
 PRESETS: dict[str, ZooConfig] = {
     # >= 2,000 checkpoints: 416 members x 5 checkpoint epochs, MNIST, the paper's model and grid.
     "mnist-paper": _paper_zoo("mnist-paper", "mnist"),
-    # the paper's model on movie-review sentiment (its own 2,000-word vocabulary, 48 tokens); same budget
-    "movies-paper": _paper_zoo("movies-paper", "movie_reviews", dataset_kwargs={"max_len": 48, "vocab_size": 2000}),
+    # the paper's model on movie-review sentiment; same budget
+    "movies-paper": _paper_zoo("movies-paper", "movie_reviews", dataset_kwargs=MOVIE_TEXT),
     # HF ViT on MNIST: widths 16-64, 2 or 4 heads, 1-3 blocks, 7x7 patches (16 tokens)
-    "mnist-vit": ZooConfig(
-        name="mnist-vit",
-        dataset="mnist",
-        archs=_hf_archs("vit", patch_size=7),
-        grid=HF_GRID,
-        n_members=768,
-        checkpoint_epochs=[1, 2, 4, 8],
-        steps_per_epoch=75,
-        batch_size=16,
-        eval_test_size=1000,
-        eval_train_size=200,
-        members_per_batch=32,
-    ),
-    # HF BERT on movie reviews, its own 2,000-word vocabulary
-    "movies-bert": ZooConfig(
-        name="movies-bert",
-        dataset="movie_reviews",
-        dataset_kwargs={"max_len": 48, "vocab_size": 2000},
-        archs=_hf_archs("bert"),
-        grid=HF_GRID,
-        n_members=768,
-        checkpoint_epochs=[1, 2, 4, 8],
-        steps_per_epoch=75,
-        batch_size=16,
-        eval_test_size=2562,
-        eval_train_size=200,
-        members_per_batch=32,
-    ),
+    "mnist-vit": _hf_zoo("mnist-vit", "mnist", _hf_archs("vit", patch_size=7)),
+    # HF BERT on movie reviews (the whole 2,562-review test split)
+    "movies-bert": _hf_zoo("movies-bert", "movie_reviews", _hf_archs("bert"), dataset_kwargs=MOVIE_TEXT,
+                           eval_test_size=2562),
     # CI: a few seconds of training
     "tiny": ZooConfig(
         name="tiny",
