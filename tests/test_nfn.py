@@ -188,3 +188,26 @@ def test_dead_attention_heads_stay_finite():
     out.sum().backward()
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(p.grad).all() for p in nfn.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["bert", "qwen2"])
+def test_chunked_evaluation_equals_whole(name, nets, monkeypatch):
+    """Large inputs are processed a few matrices / blocks at a time; on small test models everything fits
+    one chunk, so force the smallest chunks and compare with the one-chunk result (and its gradients)."""
+    from nfn_plugins.nn import features
+
+    ws = _batch(name, c=1)  # one input channel: the broadcast-multiply mixing path of the first layer
+    nfn = TransformerNFN(in_channels=1, channels=3, hidden=8, product_channels=2).double()
+
+    def value_and_grads():
+        nfn.zero_grad()
+        y = nfn(ws)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in nfn.parameters() if p.grad is not None]
+
+    whole, whole_grads = value_and_grads()
+    monkeypatch.setattr(features, "CHUNK_BYTES", 1)
+    chunked, chunked_grads = value_and_grads()
+    assert _rel(chunked, whole) < 1e-12
+    assert len(chunked_grads) == len(whole_grads)
+    assert max(_rel(a, b) for a, b in zip(chunked_grads, whole_grads)) < 1e-10

@@ -56,16 +56,78 @@ class BlockFeatures(NamedTuple):
     head: torch.Tensor  # [B, C, L, H, len(HEAD_FEATURES)]
 
 
-def product_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||a b||_F^2 for a [..., D, d], b [..., d, D] without the D x D product: tr((a^T a)(b b^T)).
+CHUNK_BYTES = 16 * 2**20  # under glibc's largest mmap threshold (32 MiB): such temporaries reuse heap memory
 
-    The trace cancels heavily when a b is small next to |a| |b| (decayed or near-orthogonal attention), so
-    it is summed in float64 and clamped at 0; in float32 it rounds to noise or below zero there.
+
+def block_slices(per_block_bytes: int, n_blocks: int) -> list[slice]:
+    """Slices of the block axis whose temporaries stay under CHUNK_BYTES (at least one block each).
+
+    Full-size temporaries of MiniLM-sized inputs are mmapped fresh on every call, and their page faults
+    cost more than the arithmetic on them; chunk-sized ones are served from memory glibc keeps.
     """
+    step = max(1, CHUNK_BYTES // max(1, per_block_bytes))
+    return [slice(i, i + step) for i in range(0, n_blocks, step)]
+
+
+def per_matrix(fn, *xs: torch.Tensor):
+    """``fn(*xs)`` for inputs [B, C, L, ...] whose (batch, channel, block) entries are independent
+    matrices, evaluated a few matrices at a time so its temporaries stay under CHUNK_BYTES.
+
+    ``fn`` takes and returns tensors (or tuples of them) with one flattened leading axis; the results
+    come back as [B, C, L, ...]. Leading dims broadcast.
+    """
+    lead = torch.broadcast_shapes(*(x.shape[:3] for x in xs))
+    flat = [x.expand(lead + x.shape[3:]).reshape((-1,) + x.shape[3:]) for x in xs]
+    step = max(1, CHUNK_BYTES // max(x[0].numel() * 8 for x in flat))  # sized for float64 temporaries
+    parts = [fn(*(x[i : i + step] for x in flat)) for i in range(0, flat[0].shape[0], step)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p).unflatten(0, lead) for p in zip(*parts))
+    return torch.cat(parts).unflatten(0, lead)
+
+
+def _product_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.double(), b.double()
     sq = ((a.transpose(-1, -2) @ a) * (b @ b.transpose(-1, -2))).sum((-1, -2))
     return sq.clamp_min(0).to(dtype)
+
+
+def product_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a b||_F^2 for a [B, C, ..., D, d], b [B, C, ..., d, D] without the D x D product: tr((a^T a)(b b^T)).
+
+    The trace cancels heavily when a b is small next to |a| |b| (decayed or near-orthogonal attention), so
+    it is summed in float64 and clamped at 0; in float32 it rounds to noise or below zero there.
+    """
+    return per_matrix(_product_sq_norm, a, b)
+
+
+def _read_write_means(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = up * down.transpose(-1, -2)
+    return p.mean(-1), p.mean(-2)
+
+
+def _row_col_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, R, K] -> per row (mean, mean square) over K, stacked [n, R, 2]; per column the same [n, K, 2]."""
+    sq = x.square()
+    return torch.stack([x.mean(-1), sq.mean(-1)], -1), torch.stack([x.mean(-2), sq.mean(-2)], -1)
+
+
+def _mlp_features(ws: WeightSpace) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Mean and mean square of up/gate/down per stream row and per unit, and the mean of unit j's
+    read-write product up[i, j] down[j, i] (scale-invariant) both ways.
+
+    Matrix by matrix (`per_matrix`), so that each is read from memory once for all four moments.
+    """
+    f: dict[str, torch.Tensor] = {}
+    u: dict[str, torch.Tensor] = {}
+    for name in ("up", "gate", "down"):
+        if name in ws:
+            rows, cols = per_matrix(_row_col_moments, ws[name])  # (mean, mean square) over rows / columns
+            stream, unit = (cols, rows) if name == "down" else (rows, cols)  # down is [units, stream]
+            f[f"{name}_mean"], f[f"{name}_sq"] = stream.unbind(-1)
+            u[f"{name}_mean"], u[f"{name}_sq"] = unit.unbind(-1)
+    f["up_down"], u["up_down"] = per_matrix(_read_write_means, ws["up"], ws["down"])
+    return f, u
 
 
 def block_features(ws: WeightSpace) -> BlockFeatures:
@@ -75,28 +137,25 @@ def block_features(ws: WeightSpace) -> BlockFeatures:
     k, v = expand_kv(ws["k"], g), expand_kv(ws["v"], g)
     zero_d = _zeros_like_stream(ws)
     zero_a = q.new_zeros(q.shape[:3] + (spec.mlp_width,))
-    qk = (q * k).sum(-1)  # diag(q_h k_h^T): [B, C, L, H, D]
-    vo = (v * o.transpose(-1, -2)).sum(-1)  # diag(v_h o_h)
+    # full-size temporaries (products, einsum's permuted copies) are made a few matrices at a time
+    qk = per_matrix(lambda a, b: (a * b).sum(-1), q, k)  # diag(q_h k_h^T): [B, C, L, H, D]
+    vo = per_matrix(lambda a, b: (a * b.transpose(-1, -2)).sum(-1), v, o)  # diag(v_h o_h)
     f = {"qk_diag": qk.mean(3), "vo_diag": vo.mean(3)}
-    f["bq_k"] = torch.einsum("bclha,bclhia->bcli", ws["q_bias"], k) / spec.n_heads if "q_bias" in ws else zero_d
-    f["q_bk"] = (
-        torch.einsum("bclhia,bclha->bcli", q, expand_kv(ws["k_bias"], g)) / spec.n_heads if "k_bias" in ws else zero_d
-    )
-    f["bv_o"] = (
-        torch.einsum("bclha,bclhai->bcli", expand_kv(ws["v_bias"], g), o) / spec.n_heads if "v_bias" in ws else zero_d
-    )
-    u: dict[str, torch.Tensor] = {}
-    for name, unit_dim in (("up", -1), ("gate", -1), ("down", -2)):  # the axis of MLP units
-        if name not in ws:
-            f[f"{name}_mean"] = f[f"{name}_sq"] = zero_d
-            u[f"{name}_mean"] = u[f"{name}_sq"] = zero_a
-            continue
-        x = ws[name]
-        stream_dim = -2 if unit_dim == -1 else -1
-        f[f"{name}_mean"], f[f"{name}_sq"] = x.mean(unit_dim), _mean_square(x, unit_dim)
-        u[f"{name}_mean"], u[f"{name}_sq"] = x.mean(stream_dim), _mean_square(x, stream_dim)
-    up_down = ws["up"] * ws["down"].transpose(-1, -2)  # unit j's read-write product, scale-invariant
-    f["up_down"], u["up_down"] = up_down.mean(-1), up_down.mean(-2)
+
+    def head_mean(equation: str, bias: str, x: torch.Tensor) -> torch.Tensor:
+        if bias not in ws:
+            return zero_d
+        b = ws[bias] if bias == "q_bias" else expand_kv(ws[bias], g)  # k/v biases live on key-value heads
+        return per_matrix(lambda bm, xm: torch.einsum(equation, bm, xm), b, x) / spec.n_heads
+
+    f["bq_k"] = head_mean("nha,nhia->ni", "q_bias", k)
+    f["q_bk"] = head_mean("nha,nhia->ni", "k_bias", q)
+    f["bv_o"] = head_mean("nha,nhai->ni", "v_bias", o)
+    mlp_stream, u = _mlp_features(ws)
+    f.update(mlp_stream)
+    for name in ("gate_mean", "gate_sq"):
+        f.setdefault(name, zero_d)
+        u.setdefault(name, zero_a)
     for name in ("o_bias", "down_bias", "norm1_weight", "norm1_bias", "norm2_weight", "norm2_bias"):
         f[name] = ws[name] if name in ws else zero_d
     for name in ("up_bias", "gate_bias"):
@@ -177,12 +236,12 @@ def summarize_outer(ws: WeightSpace) -> WeightSpace:
             continue
         if ax is None:
             flat = ws[t.name].flatten(2)
-            stats = torch.stack([flat.mean(-1), (flat.square().mean(-1) + 1e-12).sqrt()], -1)
+            stats = torch.stack([flat.mean(-1), (_mean_square(flat, -1) + 1e-12).sqrt()], -1)
             tensors[f"{t.name}:stats"] = stats
             specs.append(TensorSpec(f"{t.name}:stats", (None,), (2,), False, "free"))
             continue
         rows = outer_stream_rows(ws, t.name)
-        for stat, value in (("mean", rows.mean(-2)), ("rms", (rows.square().mean(-2) + 1e-12).sqrt())):
+        for stat, value in (("mean", rows.mean(-2)), ("rms", (_mean_square(rows, -2) + 1e-12).sqrt())):
             tensors[f"{t.name}:{stat}"] = value
             specs.append(TensorSpec(f"{t.name}:{stat}", (t.axes[ax],), (d,), False, t.role))
     return WeightSpace(replace(ws.spec, tensors=tuple(specs)), tensors)

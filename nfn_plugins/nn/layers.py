@@ -27,11 +27,13 @@ from .features import (
     STREAM_FEATURES,
     UNIT_FEATURES,
     block_features,
+    block_slices,
     expand_kv,
     global_features,
     group_mean,
     outer_kind,
     outer_stream_rows,
+    per_matrix,
     product_sq_norm,
     stream_axis,
 )
@@ -54,11 +56,45 @@ HEAD_USES = (*GL_TENSORS, *GL_BIASES)
 VIEWS = {"q": 5, "k": 5, "v": 5, "o": 4, "q_bias": 3, "k_bias": 3, "v_bias": 3}
 
 
+def _per_output_channel(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [C_out, 1] mixing weight shaped to broadcast against [B, C_out, ...] like x."""
+    return weight.view((1, -1) + (1,) * (x.dim() - 2))
+
+
 def mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Channel mixing [B, C_in, ...] -> [B, C_out, ...]: the one linear map every symmetry commutes with."""
     b, c = x.shape[:2]
+    if c == 1:  # an outer product: a broadcast multiply is much faster than a bmm with inner size 1
+        return x.contiguous() * _per_output_channel(weight, x)  # contiguous like the bmm's output
     out = torch.bmm(weight.expand(b, -1, -1), x.reshape(b, c, -1))  # bmm: no transposed copy of x
     return out.reshape((b, weight.shape[0]) + x.shape[2:])
+
+
+def add_mix_(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``y += scale * mix(x, weight)`` in place (y contiguous [B, C_out, ...]; scale broadcasts against it).
+
+    Unscaled, the matmul accumulates straight into y; scaled, a few blocks at a time, so the temporaries
+    stay small (full-size ones cost more in fresh pages than in arithmetic on MiniLM).
+    """
+    b, c = x.shape[:2]
+    if c == 1:  # scale * (w x) = (scale * w) x: no temporary at all
+        w = _per_output_channel(weight, x)
+        return y.add_(x * w) if scale is None else y.addcmul_(scale * w, x)
+    if scale is None:
+        y.view(b, y.shape[1], -1).baddbmm_(weight.expand(b, -1, -1), x.reshape(b, c, -1))
+        return y
+    for s in block_slices(y[:, :, :1].numel() * y.element_size(), y.shape[2]):
+        y[:, :, s].addcmul_(scale[:, :, s] if scale.shape[2] > 1 else scale, mix(x[:, :, s], weight))
+    return y
+
+
+def add_outer_sum_(y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``y[..., i, j] += rows[..., i] + cols[..., j]`` in one pass: the rank-2 product [rows, 1] @ [1; cols]."""
+    n, m = y.shape[-2:]
+    left = torch.stack([rows, torch.ones_like(rows)], -1).reshape(-1, n, 2)
+    right = torch.stack([torch.ones_like(cols), cols], -2).reshape(-1, 2, m)
+    y.view(-1, n, m).baddbmm_(left, right)
+    return y
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -103,41 +139,46 @@ class EquivariantLayer(nn.Module):
         return list(mix(ws[name], self.mix[name]).chunk(VIEWS.get(name, 1), dim=1))
 
     def _gl_update(self, x: torch.Tensor, name: str, s_mod: torch.Tensor, s_bc: torch.Tensor,
-                   s_in: torch.Tensor | None, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Linear part of the update of a GL tensor (q, k, v: stream rows; o: stream columns).
-
-        Returns the update and, if ``s_in`` is given, the stream-weighted mean of its rows (for the bias).
-        """
+                   hs: torch.Tensor) -> torch.Tensor:
+        """Linear part of the update of a GL tensor (q, k, v: stream rows; o: stream columns): identity,
+        head-modulated, stream-modulated and stream-mean-broadcast mixes, added in place into one tensor."""
         stream_dim = -1 if name == "o" else -2
         w = self.mix[name].view(VIEWS[name], self.c_out, self.c_in)
-        b, c, n_blocks, n_heads = x.shape[:4]
-        w_eff = w[0] + hs.permute(0, 2, 3, 1).unsqueeze(-1) * w[3]  # per-head mixing [B, L, H, co, c]
-        y = (w_eff @ x.movedim(1, 3).reshape(b, n_blocks, n_heads, c, -1)).unflatten(-1, x.shape[4:]).movedim(3, 1)
         along = (lambda v: v[:, :, :, None, None, :]) if name == "o" else (lambda v: v[:, :, :, None, :, None])
-        # in-place multiply-adds: these tensors are the size of the model's attention weights times channels
-        y = y.contiguous().addcmul_(along(s_mod), mix(x, w[1])).addcmul_(along(s_bc), mix(x.mean(stream_dim, keepdim=True), w[2]))
-        if s_in is None:
-            return y, None
-        rows = torch.einsum("boli,bclhia->boclha", s_in, x) / x.shape[-2]
-        return y, torch.einsum("boclha,oc->bolha", rows, w[4])
+        y = mix(x, w[0])
+        add_mix_(y, x, w[3], hs[..., None, None])
+        add_mix_(y, x, w[1], along(s_mod))
+        return y.addcmul_(along(s_bc), mix(x.mean(stream_dim, keepdim=True), w[2]))
 
-    def _products(self, ws: WeightSpace) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """GL-equivariant cubic terms (QK q, VO q, ...) on ``p`` projected channels, and the norms used."""
+    def _bias_rows(self, x: torch.Tensor, s_in: torch.Tensor, name: str) -> torch.Tensor:
+        """Bias update from its matrix ``name`` (q, k or v): the stream-weighted mean of its rows [B, co, L, H, d]."""
+        w = self.mix[name].view(VIEWS[name], self.c_out, self.c_in)[4]
+        s_per_matrix = s_in.transpose(1, 2).unsqueeze(1)  # [B, 1, L, co, D]: broadcast over input channels
+        rows = per_matrix(lambda s, xm: torch.einsum("noi,nhia->noha", s, xm), s_per_matrix, x) / x.shape[-2]
+        return torch.einsum("bclohd,oc->bolhd", rows, w)
+
+    def _products(self, ws: WeightSpace) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
+        """GL-equivariant cubic terms (QK q, VO q, ...) on ``p`` projected channels each, and the norms used.
+
+        Returns, per GL tensor, the two product terms (each [B, p, ...], to be mixed by halves of
+        ``prod_out``); the norms divide the small d x d factors, never the full-size products.
+        """
         g = ws.spec.group_size
         q, o = mix(ws["q"], self.prod_in["q"]), mix(ws["o"], self.prod_in["o"])
         k, v = expand_kv(mix(ws["k"], self.prod_in["k"]), g), expand_kv(mix(ws["v"], self.prod_in["v"]), g)
         gram = lambda a, b: a.transpose(-1, -2) @ b  # noqa: E731  sums over the stream axis
         n_qk = (product_sq_norm(q, k.transpose(-1, -2)) + 1e-12).sqrt()  # ||q k^T||_F
         n_vo = (product_sq_norm(v, o) + 1e-12).sqrt()  # ||v o||_F
-        kq, oq, ov, kv, ok = gram(k, q), o @ q, o @ v, gram(k, v), o @ k
         nqk, nvo = n_qk[..., None, None], n_vo[..., None, None]
+        oq = o @ q
+        kq, kv, ov, ok = gram(k, q) / nqk, gram(k, v) / nqk, o @ v / nvo, o @ k / nvo
         out = {
-            "q": torch.cat([q @ kq / nqk, v @ oq / nvo], 1),
-            "k": group_mean(torch.cat([k @ kq.transpose(-1, -2) / nqk, v @ ok / nvo], 1), g),
-            "v": group_mean(torch.cat([v @ ov / nvo, q @ kv / nqk], 1), g),
-            "o": torch.cat([ov @ o / nvo, oq @ k.transpose(-1, -2) / nqk], 1),
+            "q": [q @ kq, v @ (oq / nvo)],
+            "k": [group_mean(k @ kq.transpose(-1, -2), g), group_mean(v @ ok, g)],
+            "v": [group_mean(v @ ov, g), group_mean(q @ kv, g)],
+            "o": [ov @ o, (oq / nqk) @ k.transpose(-1, -2)],
         }
-        return {n: mix(x, self.prod_out[n]) for n, x in out.items()}, torch.stack([n_qk, n_vo], -1)
+        return out, torch.stack([n_qk, n_vo], -1)
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
         spec: WeightSpaceSpec = ws.spec
@@ -159,19 +200,19 @@ class EquivariantLayer(nn.Module):
         for t in GL_TENSORS:
             hs = h[t] if t in ("q", "o") else group_mean(h[t].unsqueeze(-1), g).squeeze(-1)
             bias = f"{t}_bias" if t != "o" else None  # o_bias lives on the stream, not on a head
-            s_in = s[f"{bias}_in"] if bias in ws else None
-            out[t], rows = self._gl_update(ws[t], t, s[f"{t}_mod"], s[f"{t}_bc"], s_in, hs)
-            out[t] = out[t].add_(prods[t])
-            if s_in is not None:
+            out[t] = self._gl_update(ws[t], t, s[f"{t}_mod"], s[f"{t}_bc"], hs)
+            for term, w in zip(prods[t], self.prod_out[t].chunk(2, dim=1)):
+                add_mix_(out[t], term, w)
+            if bias in ws:
                 b_id, b_h, b_outer = self._views(ws, bias)
-                out[t] = out[t].addcmul_(s[f"{bias}_outer"][:, :, :, None, :, None], b_outer.unsqueeze(-2))
+                out[t].addcmul_(s[f"{bias}_outer"][:, :, :, None, :, None], b_outer.unsqueeze(-2))
                 hb = h[bias] if t == "q" else group_mean(h[bias].unsqueeze(-1), g).squeeze(-1)
-                out[bias] = b_id + hb[..., None] * b_h + rows
+                out[bias] = b_id + hb[..., None] * b_h + self._bias_rows(ws[t], s[f"{bias}_in"], t)
 
-        for t in ("up", "gate"):  # in-place adds: these are the largest tensors
+        for t in ("up", "gate"):  # the largest tensors: one in-place pass adds the stream and unit terms
             if t in ws:
-                out[t] = mix(ws[t], self.mix[t]).add_(s[t][..., :, None]).add_(u[t][..., None, :])
-        out["down"] = mix(ws["down"], self.mix["down"]).add_(u["down"][..., :, None]).add_(s["down"][..., None, :])
+                out[t] = add_outer_sum_(mix(ws[t], self.mix[t]), s[t], u[t])
+        out["down"] = add_outer_sum_(mix(ws["down"], self.mix["down"]), u["down"], s["down"])
         for t in MLP_BIASES:
             if t in ws:
                 out[t] = mix(ws[t], self.mix[t]) + u[t]
@@ -196,12 +237,20 @@ class EquivariantLayer(nn.Module):
 
 
 class EquivariantReLU(nn.Module):
-    """ReLU on tensors with no per-head GL axis (a pointwise ReLU on q/k/v/o would break GL equivariance)."""
+    """ReLU on tensors with no per-head GL axis (a pointwise ReLU on q/k/v/o would break GL equivariance).
+
+    ``inplace=True`` overwrites the input's tensors (for layer outputs nothing else holds: saves a
+    full-size copy of every MLP matrix).
+    """
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.relu = torch.relu_ if inplace else torch.relu
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
         gl_axes = {"qk", "qk*", "vo", "vo*"}
         return WeightSpace(
-            ws.spec, {t.name: ws[t.name] if gl_axes & set(t.axes) else torch.relu(ws[t.name]) for t in ws.spec.tensors}
+            ws.spec, {t.name: ws[t.name] if gl_axes & set(t.axes) else self.relu(ws[t.name]) for t in ws.spec.tensors}
         )
 
 

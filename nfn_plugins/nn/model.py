@@ -23,7 +23,7 @@ class TransformerNFNEncoder(nn.Module):
         super().__init__()
         dims = [in_channels] + [channels] * (n_layers - 1) + [out_channels or channels]
         self.layers = nn.ModuleList(EquivariantLayer(a, b, hidden, product_channels) for a, b in zip(dims, dims[1:]))
-        self.act = EquivariantReLU()
+        self.act = EquivariantReLU(inplace=True)  # layer outputs are fresh tensors
         self.final_activation = final_activation
         self.out_channels = dims[-1]
 
