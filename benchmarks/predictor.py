@@ -75,7 +75,7 @@ def run_method(method: str, train, val, test, seed: int, epochs: int) -> tuple[d
     spec = train[0][0].spec
     if method == "ours":
         model = AccuracyPredictor()
-        model.fit(train, None, FitConfig(epochs=epochs, seed=seed), progress=False)
+        model.fit(train, val, FitConfig(epochs=epochs, seed=seed), progress=False)
         pred = torch.cat([model.predict(ws) for ws, _ in test])
         n_params = sum(p.numel() for p in model.parameters())
     elif method == "gbt":
@@ -139,7 +139,7 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int) -> lis
     for seed in seeds:
         train, val, _ = narrow.split((0.85, 0.15, 0.0), seed=seed)
         model = AccuracyPredictor()
-        model.fit(train, None, FitConfig(epochs=epochs, seed=seed), progress=False)
+        model.fit(train, val, FitConfig(epochs=epochs, seed=seed), progress=False)
         m = model.evaluate(wide)
         rows.append({"zoo": Path(path).name, "seed": seed, "train_widths": widths[:-1], "test_width": widths[-1], **m})
         print(f"[predictor] OOD {Path(path).name} widths {widths[:-1]} -> {widths[-1]} seed {seed}: tau {m['kendall_tau']:.3f}")
@@ -157,8 +157,8 @@ def _mean_std(values):
 def markdown(rows, ood, args) -> str:
     lines = ["# Accuracy prediction from weights", "",
              f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
-             f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (baselines keep "
-             "their best validation-tau epoch; ours trains with a cosine schedule and group augmentation).",
+             f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (each keeps "
+             "its best validation-tau epoch; ours trains with a cosine schedule and group augmentation).",
              "", "![predicted vs true](predictor_scatter.png)", "",
              "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -47,6 +47,7 @@ class FitConfig:
     warmup_fraction: float = 0.1
     augment: bool = True  # random group elements (incl. the unit scales the NFN does not build in)
     seed: int = 0
+    restore_best: bool = True  # with validation data: end with the weights of the best-validation-tau epoch
 
 
 def as_groups(data) -> list[Group]:
@@ -123,6 +124,9 @@ class AccuracyPredictor(nn.Module):
     def fit(self, train, val=None, config: FitConfig | None = None, accelerator=None, progress: bool = True) -> list[dict]:
         """Train on ``train``; report validation metrics per epoch. Returns the history.
 
+        With ``val`` and ``config.restore_best``, the model ends with the weights of the epoch with the best
+        validation Kendall tau (the row has ``"best": True``), as the baselines of the benchmark do.
+
         With an `accelerate.Accelerator` (e.g. under ``accelerate launch``), each process takes every
         world_size-th mini-batch and gradients are averaged (the NFN leaves parameters unused for tensors a
         family lacks: create the Accelerator with ``DistributedDataParallelKwargs(find_unused_parameters=True)``).
@@ -143,7 +147,8 @@ class AccuracyPredictor(nn.Module):
         if accelerator is not None:
             model, opt = accelerator.prepare(self, opt)
         groups_of = {id(ws.spec): SymmetryGroup(ws.spec) for ws, _ in groups}
-        history = []
+        history: list[dict] = []
+        best: tuple[float, dict] | None = None  # (val tau, state) of the best epoch so far
         for epoch in range(cfg.epochs):
             start, losses = time.perf_counter(), []
             batches = [(gi, idx) for gi, (_, y) in enumerate(groups)
@@ -171,10 +176,16 @@ class AccuracyPredictor(nn.Module):
                    "seconds": time.perf_counter() - start}
             if val_groups is not None:
                 row.update({f"val_{k}": v for k, v in self.evaluate(val_groups).items()})
+                tau = row["val_kendall_tau"]
+                if cfg.restore_best and math.isfinite(tau) and (best is None or tau > best[0]):
+                    best = (tau, {k: v.detach().clone() for k, v in self.state_dict().items()})
             history.append(row)
             if progress and rank == 0:
                 print("[predictor] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in row.items()), flush=True)
+        if best is not None:
+            self.load_state_dict(best[1])
+            next(r for r in history if r.get("val_kendall_tau") == best[0])["best"] = True
         return history
 
     # -- persistence -------------------------------------------------------------------------------

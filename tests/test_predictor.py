@@ -26,11 +26,12 @@ def _synthetic(n: int, d: int, seed: int) -> tuple[WeightSpace, torch.Tensor]:
 
 def test_fit_learns_an_invariant_target():
     train, val = _synthetic(96, 16, 0), _synthetic(48, 16, 1)
+    torch.manual_seed(0)
     model = AccuracyPredictor(SMALL)
     before = model.evaluate(val)["kendall_tau"]
     history = model.fit(train, val, FitConfig(epochs=12, batch_size=16, lr=3e-3), progress=False)
     assert history[-1]["train_bce"] < history[0]["train_bce"]
-    assert history[-1]["val_kendall_tau"] > 0.6 > before
+    assert model.evaluate(val)["kendall_tau"] > 0.6 > before
 
 
 def test_prediction_is_invariant_and_width_agnostic():
@@ -104,3 +105,17 @@ def test_fit_command_trains_and_saves_a_loadable_predictor(tmp_path):
     assert "tiny" in loaded.meta["summary"] and len(loaded.meta["history"]) == 1
     with pytest.raises(SystemExit, match="no finite checkpoints at epoch 99"):
         main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "q"), "--epoch", "99"])
+
+
+def test_fit_ends_with_the_best_validation_epoch():
+    train, val = _synthetic(48, 16, 0), _synthetic(24, 16, 1)
+    for restore in (True, False):
+        torch.manual_seed(2)
+        model = AccuracyPredictor(SMALL)
+        cfg = FitConfig(epochs=6, batch_size=16, lr=1e-2, seed=2, restore_best=restore)
+        history = model.fit(train, val, cfg, progress=False)
+        taus = [r["val_kendall_tau"] for r in history]
+        assert taus[-1] < max(taus)  # in this setting the last epoch is not the best, so restoring is observable
+        final = model.evaluate(val)["kendall_tau"]
+        assert final == pytest.approx(max(taus) if restore else taus[-1], abs=1e-6)
+        assert [r.get("best", False) for r in history].count(True) == (1 if restore else 0)
