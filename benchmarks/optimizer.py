@@ -146,7 +146,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--quick", action="store_true", help="100 steps, two tasks, for smoke tests")
     p.add_argument("--name", default="optimizer", help="results file stem in benchmarks/results/")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's); every optimizer runs with the same")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.minilm_steps, args.tasks = 100, 10, "mnist-new-seeds,movies-bert"
     learned = LearnedUpdate.from_pretrained(args.learned)

@@ -32,7 +32,7 @@ from nfn_plugins.predictor import AccuracyPredictor, FitConfig, as_groups  # noq
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ours", "paper-nfn", "statnn", "gbt", "flat-mlp")
+METHODS = ("ours", "paper-nfn", "statnn", "gbt", "gbt-invariant", "flat-mlp")
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -78,10 +78,10 @@ def run_method(method: str, train, val, test, seed: int, epochs: int) -> tuple[d
         model.fit(train, val, FitConfig(epochs=epochs, seed=seed), progress=False)
         pred = torch.cat([model.predict(ws) for ws, _ in test])
         n_params = sum(p.numel() for p in model.parameters())
-    elif method == "gbt":
-        ws_all = train[0][0]
-        model = fit_gbt(ws_all, train[0][1], kind="hist")
-        pred = torch.cat([predict_gbt(model, ws).float() for ws, _ in test])
+    elif method in ("gbt", "gbt-invariant"):
+        invariant = method == "gbt-invariant"  # q, k, v, o replaced by their per-head products
+        model = fit_gbt(train[0][0], train[0][1], kind="hist", invariant=invariant)
+        pred = torch.cat([predict_gbt(model, ws, invariant=invariant).float() for ws, _ in test])
         n_params = 0
     else:
         if len({ws.spec for ws, _ in train + test}) > 1:

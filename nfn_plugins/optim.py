@@ -165,8 +165,12 @@ class NFNOptimizer(torch.optim.Optimizer):
         if any(type(p.grad).__name__ == "DTensor" for p in params[:1]):
             raise RuntimeError("NFNOptimizer needs whole block matrices, but the gradients are DTensor shards "
                                "(FSDP). Use DDP (or plain data parallelism); FSDP is not supported.")
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
-        if finite:
+        # one fused reduction and one sync: NaN/inf in any gradient makes its norm non-finite (a finite
+        # gradient whose norm overflows is caught by the exact per-tensor check that follows)
+        grads = [p.grad for p in params]
+        if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            return True
+        if all(bool(torch.isfinite(g).all()) for g in grads):
             return True
         if self.nonfinite == "raise":
             raise FloatingPointError("non-finite gradient: NFNOptimizer refused to step (nonfinite='raise')")

@@ -18,20 +18,20 @@ class WeightSpace:
     """
 
     def __init__(self, spec: WeightSpaceSpec, tensors: dict[str, torch.Tensor]):
-        missing = set(spec.names) - set(tensors)
-        extra = set(tensors) - set(spec.names)
-        if missing or extra:
+        if len(tensors) != len(spec.tensors) or not all(t.name in tensors for t in spec.tensors):
+            missing, extra = set(spec.names) - set(tensors), set(tensors) - set(spec.names)
             raise ValueError(f"tensors do not match the spec: missing {sorted(missing)}, unexpected {sorted(extra)}")
         batch_shape = None
-        for t in spec.tensors:
-            x = tensors[t.name]
-            if tuple(x.shape[x.dim() - t.ndim :]) != t.shape or x.dim() < t.ndim:
-                raise ValueError(f"tensor {t.name!r} has shape {tuple(x.shape)}; its trailing dims must be {t.shape}")
-            b = tuple(x.shape[: x.dim() - t.ndim])
+        for t in spec.tensors:  # runs on every NFN layer output: kept to plain tuple comparisons
+            shape = tensors[t.name].shape
+            n_batch = len(shape) - len(t.shape)
+            if n_batch < 0 or shape[n_batch:] != t.shape:
+                raise ValueError(f"tensor {t.name!r} has shape {tuple(shape)}; its trailing dims must be {t.shape}")
             if batch_shape is None:
-                batch_shape = b
-            elif b != batch_shape:
-                raise ValueError(f"tensor {t.name!r} has batch shape {b}, others have {batch_shape}")
+                batch_shape = shape[:n_batch]
+            elif shape[:n_batch] != batch_shape:
+                raise ValueError(f"tensor {t.name!r} has batch shape {tuple(shape[:n_batch])}, "
+                                 f"others have {tuple(batch_shape)}")
         self.spec = spec
         self.tensors = {name: tensors[name] for name in spec.names}
 

@@ -256,3 +256,16 @@ def test_sample_indices_large_total():
     idx = _sample_indices(50_000_000, 1000, g)
     assert idx.shape == (1000,) and bool((idx[1:] > idx[:-1]).all()) and 0 <= int(idx[0]) and int(idx[-1]) < 50_000_000
     assert STATISTICS == ("mean", "var", "q0", "q25", "q50", "q75", "q100")
+
+
+@pytest.mark.parametrize("kv", [None, 1])  # multi-head and grouped-query (one key-value head)
+def test_invariant_statnn_features_are_invariant_under_the_nfn_group(kv):
+    spec = make_spec(kv=kv)
+    gen = torch.Generator().manual_seed(3)
+    ws = rand_ws(spec, (4,), gen)
+    g = SymmetryGroup(spec).sample(gen, unit_scales=False)
+    moved = g.act(ws)
+    inv = statnn_features(ws, invariant=True)
+    assert inv.shape[-1] == 7 * 2 * (len(BLOCK_NAMES) - 7 + 5) + 7  # per block: 7 plain tensors + 5 products
+    assert rel(statnn_features(moved, invariant=True), inv) < 1e-8
+    assert rel(statnn_features(moved), statnn_features(ws)) > 1e-3  # the plain features see the GL maps

@@ -3,7 +3,8 @@
 - `PaperTransformerNFN`: the Transformer-NFN paper's own layer scheme (one fixed architecture,
   width-specific tensors, parameters growing as D^3).
 - `StatNN` / `statnn_features` / `fit_gbt`: per-tensor weight statistics (Unterthiner et al. 2020) with
-  an MLP head or gradient-boosted trees (scikit-learn, optional).
+  an MLP head or gradient-boosted trees (scikit-learn, optional); with ``invariant=True`` on the
+  per-head products q k^T, v o instead of q, k, v, o (invariant under the NFN's whole group).
 - `FlatMLP`: the flattened weights (optionally a fixed random subset) into an MLP.
 """
 
@@ -14,6 +15,7 @@ from .statnn import (
     StatNN,
     Standardizer,
     fit_gbt,
+    gl_invariant_products,
     make_gbt,
     predict_gbt,
     statnn_feature_names,
@@ -30,6 +32,7 @@ __all__ = [
     "StatNN",
     "Standardizer",
     "fit_gbt",
+    "gl_invariant_products",
     "make_gbt",
     "predict_gbt",
     "statnn_feature_names",

@@ -69,20 +69,48 @@ def statnn_feature_names(spec: WeightSpaceSpec, per_block: bool = True) -> list[
     return names
 
 
-def statnn_features(ws: WeightSpace, per_block: bool = True, tensors: Sequence[str] | None = None) -> torch.Tensor:
+GL_TENSORS = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias")
+
+
+def gl_invariant_products(ws: WeightSpace) -> dict[str, torch.Tensor]:
+    """The per-head products that the per-head GL maps leave unchanged, for a batch [N]: ``qk`` = q_h k_h^T
+    and ``vo`` = v_h o_h [N, L, H, D, D], and with biases ``bq_k``, ``q_bk``, ``bv_o`` [N, L, H, D].
+
+    They carry everything about attention that the symmetry group does not change; q, k, v, o themselves do not.
+    """
+    g = ws.spec.group_size
+    q, k = ws["q"], ws["k"].repeat_interleave(g, dim=2)
+    v, o = ws["v"].repeat_interleave(g, dim=2), ws["o"]
+    out = {"qk": q @ k.transpose(-1, -2), "vo": v @ o}
+    if "q_bias" in ws:
+        out["bq_k"] = (ws["q_bias"].unsqueeze(-2) @ k.transpose(-1, -2)).squeeze(-2)
+    if "k_bias" in ws:
+        out["q_bk"] = (q @ ws["k_bias"].repeat_interleave(g, dim=2).unsqueeze(-1)).squeeze(-1)
+    if "v_bias" in ws:
+        out["bv_o"] = (ws["v_bias"].repeat_interleave(g, dim=2).unsqueeze(-2) @ o).squeeze(-2)
+    return out
+
+
+def statnn_features(ws: WeightSpace, per_block: bool = True, tensors: Sequence[str] | None = None,
+                    invariant: bool = False) -> torch.Tensor:
     """Statistics of every tensor of ``ws`` (batch dims [B]) -> [B, F], F = 7 x (number of tensors
     (x blocks if ``per_block``)). A ws without batch dims gives [1, F]; batch dims [B, C] give
     [B, C * F] (channel-major). ``tensors`` restricts to the named tensors (default: all, spec order).
+
+    ``invariant=True`` replaces q, k, v, o and their biases by `gl_invariant_products` (appended after the
+    other tensors), so the features are invariant under the whole group the Transformer-NFN is built
+    for (permutations and per-head GL), not only under permutations.
     """
     flat, B, rest = _batched(ws)
     names = list(tensors) if tensors is not None else list(ws.spec.names)
+    columns = [(flat[n], ws.spec[n].block) for n in names if not (invariant and n in GL_TENSORS)]
+    if invariant:
+        columns += [(x, True) for x in gl_invariant_products(flat).values()]
     feats = []
-    for name in names:
-        t = ws.spec[name]
-        x = flat[name]
+    for x, block in columns:
         N = x.shape[0]
-        if t.block and per_block:
-            feats.append(tensor_statistics(x.reshape(N, t.shape[0], -1)).reshape(N, -1))
+        if block and per_block:
+            feats.append(tensor_statistics(x.reshape(N, x.shape[1], -1)).reshape(N, -1))
         else:
             feats.append(tensor_statistics(x.reshape(N, -1)))
     out = torch.cat(feats, dim=-1)  # [N, F]
@@ -201,20 +229,21 @@ def make_gbt(kind: str = "hist", **kwargs):
     raise ValueError(f"kind must be 'hist' or 'gbr', got {kind!r}")
 
 
-def _as_numpy_features(data: WeightSpace | torch.Tensor, per_block: bool):
-    x = statnn_features(data, per_block) if isinstance(data, WeightSpace) else data
+def _as_numpy_features(data: WeightSpace | torch.Tensor, per_block: bool, invariant: bool):
+    x = statnn_features(data, per_block, invariant=invariant) if isinstance(data, WeightSpace) else data
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def fit_gbt(data: WeightSpace | torch.Tensor, targets, kind: str = "hist", per_block: bool = True, **kwargs):
+def fit_gbt(data: WeightSpace | torch.Tensor, targets, kind: str = "hist", per_block: bool = True,
+            invariant: bool = False, **kwargs):
     """Fit gradient-boosted trees on STATNN features of ``data`` (WeightSpace batch or features [N, F])
-    to ``targets`` [N]; returns the fitted regressor (use `predict_gbt`)."""
+    to ``targets`` [N]; returns the fitted regressor (use `predict_gbt` with the same ``invariant``)."""
     model = make_gbt(kind, **kwargs)
     y = targets.detach().cpu().double().reshape(-1).numpy() if isinstance(targets, torch.Tensor) else targets
-    model.fit(_as_numpy_features(data, per_block), y)
+    model.fit(_as_numpy_features(data, per_block, invariant), y)
     return model
 
 
-def predict_gbt(model, data: WeightSpace | torch.Tensor, per_block: bool = True) -> torch.Tensor:
+def predict_gbt(model, data: WeightSpace | torch.Tensor, per_block: bool = True, invariant: bool = False) -> torch.Tensor:
     """Predictions [N] (float64) of a fitted regressor on a WeightSpace batch or features [N, F]."""
-    return torch.as_tensor(model.predict(_as_numpy_features(data, per_block)), dtype=torch.float64)
+    return torch.as_tensor(model.predict(_as_numpy_features(data, per_block, invariant)), dtype=torch.float64)

@@ -73,13 +73,16 @@ def per_matrix(fn, *xs: torch.Tensor):
     """``fn(*xs)`` for inputs [B, C, L, ...] whose (batch, channel, block) entries are independent
     matrices, evaluated a few matrices at a time so its temporaries stay under CHUNK_BYTES.
 
-    ``fn`` takes and returns tensors (or tuples of them) with one flattened leading axis; the results
-    come back as [B, C, L, ...]. Leading dims broadcast.
+    ``fn`` maps tensors with any leading dims (which broadcast) to tensors or tuples with the same leading
+    dims; inputs that fit one chunk go to it as they are (the common case for small models).
     """
-    lead = torch.broadcast_shapes(*(x.shape[:3] for x in xs))
+    lead = tuple(max(sizes) for sizes in zip(*(x.shape[:3] for x in xs)))  # broadcast (sizes are 1 or n)
+    n = lead[0] * lead[1] * lead[2]
+    step = max(1, CHUNK_BYTES // max(x[0, 0, 0].numel() * 8 for x in xs))  # sized for float64 temporaries
+    if step >= n:
+        return fn(*xs)
     flat = [x.expand(lead + x.shape[3:]).reshape((-1,) + x.shape[3:]) for x in xs]
-    step = max(1, CHUNK_BYTES // max(x[0].numel() * 8 for x in flat))  # sized for float64 temporaries
-    parts = [fn(*(x[i : i + step] for x in flat)) for i in range(0, flat[0].shape[0], step)]
+    parts = [fn(*(x[i : i + step] for x in flat)) for i in range(0, n, step)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p).unflatten(0, lead) for p in zip(*parts))
     return torch.cat(parts).unflatten(0, lead)
@@ -148,9 +151,9 @@ def block_features(ws: WeightSpace) -> BlockFeatures:
         b = ws[bias] if bias == "q_bias" else expand_kv(ws[bias], g)  # k/v biases live on key-value heads
         return per_matrix(lambda bm, xm: torch.einsum(equation, bm, xm), b, x) / spec.n_heads
 
-    f["bq_k"] = head_mean("nha,nhia->ni", "q_bias", k)
-    f["q_bk"] = head_mean("nha,nhia->ni", "k_bias", q)
-    f["bv_o"] = head_mean("nha,nhai->ni", "v_bias", o)
+    f["bq_k"] = head_mean("...ha,...hia->...i", "q_bias", k)
+    f["q_bk"] = head_mean("...ha,...hia->...i", "k_bias", q)
+    f["bv_o"] = head_mean("...ha,...hai->...i", "v_bias", o)
     mlp_stream, u = _mlp_features(ws)
     f.update(mlp_stream)
     for name in ("gate_mean", "gate_sq"):

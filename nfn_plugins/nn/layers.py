@@ -154,7 +154,7 @@ class EquivariantLayer(nn.Module):
         """Bias update from its matrix ``name`` (q, k or v): the stream-weighted mean of its rows [B, co, L, H, d]."""
         w = self.mix[name].view(VIEWS[name], self.c_out, self.c_in)[4]
         s_per_matrix = s_in.transpose(1, 2).unsqueeze(1)  # [B, 1, L, co, D]: broadcast over input channels
-        rows = per_matrix(lambda s, xm: torch.einsum("noi,nhia->noha", s, xm), s_per_matrix, x) / x.shape[-2]
+        rows = per_matrix(lambda s, xm: torch.einsum("...oi,...hia->...oha", s, xm), s_per_matrix, x) / x.shape[-2]
         return torch.einsum("bclohd,oc->bolhd", rows, w)
 
     def _products(self, ws: WeightSpace) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
