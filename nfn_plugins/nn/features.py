@@ -9,6 +9,7 @@ Input tensors have batch dims [B, C]; block tensors then have the block axis L.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -78,7 +79,7 @@ def per_matrix(fn, *xs: torch.Tensor):
     """
     lead = tuple(max(sizes) for sizes in zip(*(x.shape[:3] for x in xs)))  # broadcast (sizes are 1 or n)
     n = lead[0] * lead[1] * lead[2]
-    step = max(1, CHUNK_BYTES // max(x[0, 0, 0].numel() * 8 for x in xs))  # sized for float64 temporaries
+    step = max(1, CHUNK_BYTES // max(math.prod(x.shape[3:]) * 8 for x in xs))  # sized for float64 temporaries
     if step >= n:
         return fn(*xs)
     flat = [x.expand(lead + x.shape[3:]).reshape((-1,) + x.shape[3:]) for x in xs]
