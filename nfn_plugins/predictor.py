@@ -107,10 +107,10 @@ class AccuracyPredictor(nn.Module):
             raise TypeError(f"predict takes an nn.Module, a WeightSpace or a Zoo, not {type(x).__name__}")
         single = x.batch_shape == ()
         ws = x.unsqueeze(0) if single else x
-        dtype = next(self.parameters()).dtype
+        param = next(self.parameters())  # the weights come to the predictor's device and dtype
         was_training = self.training
         self.eval()
-        out = torch.cat([torch.sigmoid(self(ws.map(lambda t: t[i : i + batch_size].to(dtype))))
+        out = torch.cat([torch.sigmoid(self(ws.map(lambda t: t[i : i + batch_size].to(param.device, param.dtype))))
                          for i in range(0, ws.batch_shape[0], batch_size)])
         self.train(was_training)
         return out[0] if single else out
