@@ -237,7 +237,8 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
         dtype = next(learned.parameters()).dtype
         as_ws = lambda blocks, like: WeightSpace(like.spec, {**like.tensors, **blocks})  # noqa: E731
         inputs = [weights, grads, as_ws(m, exp_avg), as_ws(direction, exp_avg)]
-        correction = learned(WeightSpace.stack([x.to(dtype) for x in inputs]).unsqueeze(0))
+        with torch.inference_mode(not torch.is_grad_enabled()):  # in a plain step: less autograd bookkeeping
+            correction = learned(WeightSpace.stack([x.to(dtype) for x in inputs]).unsqueeze(0))
         direction = {n: direction[n] + correction[n].to(direction[n].dtype) for n in names}
     new = {n: weights[n] * (1 - lr * weight_decay) - lr * direction[n] for n in names}
     return new, m, v
