@@ -7,7 +7,7 @@ Out of distribution (HF zoos): train on the narrower widths, test on the widest.
 
     python benchmarks/predictor.py --zoo zoos/mnist-paper [--zoo zoos/mnist-vit ...] [--quick]
 
-Writes benchmarks/results/predictor.{json,md} and predictor_scatter.png.
+Writes benchmarks/results/<name>.{json,md} and <name>_scatter.png (name: --name, default predictor).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def markdown(rows, ood, args) -> str:
              f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
              f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (each keeps "
              "its best validation-tau epoch; ours trains with a cosine schedule and group augmentation).",
-             "", "![predicted vs true](predictor_scatter.png)", "",
+             "", f"![predicted vs true]({args.name}_scatter.png)", "",
              "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",
              "|---|---|---|---|---|---|---|---|---|"]
     keys = dict.fromkeys((r["zoo"], r["cutoff"], r["method"]) for r in rows)
@@ -186,7 +186,7 @@ def markdown(rows, ood, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def scatter(rows) -> None:
+def scatter(rows, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +203,7 @@ def scatter(rows) -> None:
         ax.set_xlabel("true test accuracy")
         ax.set_ylabel("predicted")
     fig.tight_layout()
-    save_figure_atomic(fig, RESULTS / "predictor_scatter.png", dpi=110)
+    save_figure_atomic(fig, RESULTS / f"{name}_scatter.png", dpi=110)
 
 
 def main(argv=None) -> int:
@@ -217,23 +217,43 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and the plot from the existing .json")
+    p.add_argument("--name", default="predictor", help="results file stem in benchmarks/results/")
+    p.add_argument("--combine", type=lambda s: s.split(","), default=[],
+                   help="with --report-only: merge the rows of these result stems (e.g. runs of different zoos "
+                        "in parallel processes) into --name")
     args = p.parse_args(argv)
     if args.report_only:
-        saved = json.loads((RESULTS / "predictor.json").read_text())
-        for key, value in saved["args"].items():
-            setattr(args, key, value)
-        write_atomic(RESULTS / "predictor.md", markdown(saved["rows"], saved["ood"], args))
-        scatter(saved["rows"])
+        saved = [json.loads((RESULTS / f"{n}.json").read_text()) for n in (args.combine or [args.name])]
+        for key, value in saved[0]["args"].items():
+            if key not in ("name", "combine", "report_only", "zoo", "ood_zoo"):
+                setattr(args, key, value)
+        rows = [r for s in saved for r in s["rows"]]
+        ood = [r for s in saved for r in s["ood"]]
+        if args.combine:
+            write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),
+                                                              "combined_from": args.combine, "rows": rows, "ood": ood})
+        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, args))
+        scatter(rows, args.name)
         return 0
     if not args.zoo:
         p.error("give at least one --zoo (or --report-only)")
     if args.quick:
         args.cutoffs, args.seeds, args.epochs = [0], [0], 3
-    rows = [r for z in args.zoo for r in benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs)]
-    ood = [r for z in args.ood_zoo for r in out_of_distribution(z, args.epoch, args.seeds, args.epochs)]
-    write_json_atomic(RESULTS / "predictor.json", {"machine": machine_info(), "args": vars(args), "rows": rows, "ood": ood})
-    write_atomic(RESULTS / "predictor.md", markdown(rows, ood, args))
-    scatter(rows)
+    rows: list[dict] = []
+    ood: list[dict] = []
+
+    def save() -> None:  # after every zoo, so a crash keeps what is finished
+        write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args), "rows": rows,
+                                                          "ood": ood})
+        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, args))
+
+    for z in args.zoo:
+        rows += benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs)
+        save()
+    for z in args.ood_zoo:
+        ood += out_of_distribution(z, args.epoch, args.seeds, args.epochs)
+        save()
+    scatter(rows, args.name)
     return 0
 
 

@@ -211,3 +211,34 @@ def test_chunked_evaluation_equals_whole(name, nets, monkeypatch):
     assert _rel(chunked, whole) < 1e-12
     assert len(chunked_grads) == len(whole_grads)
     assert max(_rel(a, b) for a, b in zip(chunked_grads, whole_grads)) < 1e-10
+
+
+def test_degenerate_checkpoint_gives_finite_output(monkeypatch):
+    """A real zoo checkpoint (HF ViT, D=32, 4 heads, 1 block, weight-decayed to a dead attention head: v o ~ 0
+    while v and o are not) that made the default predictor's output NaN: the invariant rescaling inflates
+    such factors, and two layers of modulated products overflowed float32. Features are now soft-clipped."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from nfn_plugins.nn import features
+    from nfn_plugins.predictor import AccuracyPredictor
+    from nfn_plugins.zoo.models import make_vit
+
+    spec = extract_weights(make_vit(d_model=32, n_heads=4, n_blocks=1)).spec
+    ws = WeightSpace(spec, load_file(Path(__file__).parent / "data" / "dead_head_vit.safetensors"))
+    torch.manual_seed(0)
+    predictor = AccuracyPredictor()
+    assert torch.isfinite(predictor.predict(ws))
+    monkeypatch.setattr(features, "FEATURE_LIMIT", float("inf"))
+    assert not torch.isfinite(predictor.predict(ws))  # what the limit prevents
+
+
+def test_soft_clip_is_the_identity_below_the_limit_and_monotone_above():
+    from nfn_plugins.nn.features import soft_clip
+
+    x = torch.linspace(-50, 50, 101, dtype=torch.float64)
+    assert torch.equal(soft_clip(x, 60.0), x)
+    big = torch.tensor([1e2, 1e4, 1e8, 1e30], dtype=torch.float64)
+    y = soft_clip(big, 60.0)
+    assert (y.diff() > 0).all() and y[-1] < 200 and torch.equal(soft_clip(-big, 60.0), -y)

@@ -28,6 +28,22 @@ GLOBAL_FEATURES = ("embed_mean", "embed_sq", "readout_mean", "readout_sq", "gain
 HEAD_FEATURES = ("qk_trace", "vo_trace")
 
 
+FEATURE_LIMIT = 1e4
+
+
+def soft_clip(x: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """Identity on [-limit, limit], logarithmic beyond: invariant features stay invariant (it is elementwise).
+
+    Features of trained checkpoints stay far below the limit (the shipped NFNs give bit-identical outputs
+    with and without it). Degenerate checkpoints (say a dead head whose v o is ~0 while
+    v and o are not) are inflated by the invariant rescaling and would feed features of 1e4 and more to the
+    pointwise MLPs, whose outputs multiply tensors: two layers of that overflow float32.
+    """
+    limit = FEATURE_LIMIT if limit is None else limit
+    over = (x.abs() - limit).clamp_min(0)
+    return torch.where(over > 0, x.sign() * (limit + torch.log1p(over)), x)  # no cancellation for huge x
+
+
 def expand_kv(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Key-value-head tensor [B, C, L, H_kv, ...] -> per query head [B, C, L, H, ...]."""
     return x if group_size == 1 else x.repeat_interleave(group_size, dim=3)
@@ -165,9 +181,9 @@ def block_features(ws: WeightSpace) -> BlockFeatures:
     for name in ("up_bias", "gate_bias"):
         u[name] = ws[name] if name in ws else zero_a
     return BlockFeatures(
-        stream=torch.stack([f[n] for n in STREAM_FEATURES], dim=-1),
-        unit=torch.stack([u[n] for n in UNIT_FEATURES], dim=-1),
-        head=torch.stack([qk.mean(-1), vo.mean(-1)], dim=-1),
+        stream=soft_clip(torch.stack([f[n] for n in STREAM_FEATURES], dim=-1)),
+        unit=soft_clip(torch.stack([u[n] for n in UNIT_FEATURES], dim=-1)),
+        head=soft_clip(torch.stack([qk.mean(-1), vo.mean(-1)], dim=-1)),
     )
 
 
@@ -218,7 +234,7 @@ def global_features(ws: WeightSpace) -> torch.Tensor:
         pooled("gain", lambda r: r),
         pooled("bias", lambda r: r),
     ]
-    return torch.stack(f, dim=-1)
+    return soft_clip(torch.stack(f, dim=-1))
 
 
 def summarize_outer(ws: WeightSpace) -> WeightSpace:

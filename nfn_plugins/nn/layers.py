@@ -35,6 +35,7 @@ from .features import (
     outer_stream_rows,
     per_matrix,
     product_sq_norm,
+    soft_clip,
     stream_axis,
 )
 
@@ -192,7 +193,7 @@ class EquivariantLayer(nn.Module):
         s = _uses(self.stream_ctx(s_in), STREAM_USES, co)  # each [B, co, L, D]
         u = _uses(self.unit_ctx(_channels_last(feats.unit)), UNIT_USES, co)  # [B, co, L, A]
         prods, norms = self._products(ws)
-        h_in = torch.cat([_channels_last(feats.head), _channels_last(norms)], -1)
+        h_in = torch.cat([_channels_last(feats.head), _channels_last(soft_clip(norms))], -1)
         h = _uses(self.head_ctx(h_in), HEAD_USES, co)  # [B, co, L, H]
         glob = _uses(self.global_ctx(torch.cat([_channels_last(S.mean(2)), _channels_last(G)], -1)), OUTER_KINDS, co)
 
