@@ -9,7 +9,13 @@ in through ``on_prediction``; with Optuna, for example::
         trial.report(accuracy, step)
         return trial.should_prune()          # True stops the run
 
-    trainer.add_callback(PredictedAccuracyCallback("mnist-paper", every_n_steps=200, on_prediction=report))
+    PredictedAccuracyCallback("mnist-paper", every_n_steps=200, on_prediction=report).attach(trainer)
+
+`attach` puts the callback first, so that the reporting integrations (TensorBoard, W&B, ...), which the
+Trainer places before user callbacks, receive ``predicted_accuracy`` in their logs;
+``trainer.add_callback(cb)`` works too, but then only ``trainer.state.log_history`` has the values.
+Under DDP every process computes the same prediction from the same weights, so the stopping rules agree;
+an ``on_prediction`` that decides on one process only must share its decision itself.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ class PredictedAccuracyCallback(TrainerCallback):
         prune_below: stop if, from step ``prune_after_step`` on, the prediction is below this accuracy.
         on_prediction: called as ``on_prediction(step, predicted_accuracy)``; returning True stops the run.
 
-    After training, ``history`` holds ``(step, prediction)`` pairs and ``stop_reason`` says why the
-    callback stopped the run (None if it did not).
+    After training, ``history`` holds ``(step, prediction)`` pairs (the last one read when training ended)
+    and ``stop_reason`` says why the callback stopped the run (None if it did not).
     """
 
     def __init__(self, predictor: AccuracyPredictor | str, every_n_steps: int = 100, patience: int | None = None,
@@ -53,6 +59,11 @@ class PredictedAccuracyCallback(TrainerCallback):
         self._checks_since_best = 0
         self._unlogged: float | None = None
 
+    def attach(self, trainer) -> "PredictedAccuracyCallback":
+        """Register with ``trainer`` ahead of its other callbacks (see the module docstring); returns self."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every_n_steps == 0:
             self._check(state, control, model)
@@ -60,7 +71,7 @@ class PredictedAccuracyCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.history or self.history[-1][0] != state.global_step:
-            self._check(state, control, model)
+            self._check(state, control, model, final=True)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -70,7 +81,8 @@ class PredictedAccuracyCallback(TrainerCallback):
             self._unlogged = None
         return control
 
-    def _check(self, state, control, model) -> None:
+    def _check(self, state, control, model, final: bool = False) -> None:
+        """Predict, record and report; unless training has already ended, apply the stopping rules."""
         if model is None:
             raise ValueError("PredictedAccuracyCallback needs the model: the Trainer passes it to callbacks")
         step = state.global_step
@@ -83,6 +95,8 @@ class PredictedAccuracyCallback(TrainerCallback):
         else:
             self._checks_since_best += 1
         stop_requested = bool(self.on_prediction(step, accuracy)) if self.on_prediction is not None else False
+        if final:
+            return
         reason = None
         if self.prune_below is not None and step >= self.prune_after_step and accuracy < self.prune_below:
             reason = f"pruned: predicted accuracy {accuracy:.3f} < {self.prune_below} at step {step}"

@@ -168,7 +168,8 @@ class NFNOptimizer(torch.optim.Optimizer):
         # one fused reduction and one sync: NaN/inf in any gradient makes its norm non-finite (a finite
         # gradient whose norm overflows is caught by the exact per-tensor check that follows)
         grads = [p.grad for p in params]
-        if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+        norms = [n.to(grads[0].device) for n in torch._foreach_norm(grads)] if grads else []
+        if not grads or bool(torch.stack(norms).isfinite().all()):
             return True
         if all(bool(torch.isfinite(g).all()) for g in grads):
             return True

@@ -269,3 +269,6 @@ def test_invariant_statnn_features_are_invariant_under_the_nfn_group(kv):
     assert inv.shape[-1] == 7 * 2 * (len(BLOCK_NAMES) - 7 + 5) + 7  # per block: 7 plain tensors + 5 products
     assert rel(statnn_features(moved, invariant=True), inv) < 1e-8
     assert rel(statnn_features(moved), statnn_features(ws)) > 1e-3  # the plain features see the GL maps
+    assert len(statnn_feature_names(spec, invariant=True)) == inv.shape[-1]
+    with pytest.raises(ValueError, match="not both"):
+        statnn_features(ws, tensors=["up"], invariant=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from model_factories import build
 from nfn_plugins.integrations.callback import PredictedAccuracyCallback
@@ -21,7 +22,17 @@ class ScriptedPredictor:
         return torch.tensor(self.values[min(self.calls, len(self.values)) - 1])
 
 
-def _train(tmp_path, callback, max_steps=10):
+class LogRecorder(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): keeps the logs it receives."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs or {}))
+
+
+def _train(tmp_path, callback, max_steps=10, attach=False, recorder=None):
     from transformers import Trainer, TrainingArguments
 
     model, make_inputs = build("bert")
@@ -31,7 +42,11 @@ def _train(tmp_path, callback, max_steps=10):
              "labels": torch.tensor(i % 2)} for i in range(len(batch["input_ids"]))] * 8
     args = TrainingArguments(str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, report_to=[],
                              save_strategy="no", learning_rate=1e-3, use_cpu=True, logging_steps=1)
-    trainer = Trainer(model, args, train_dataset=rows, callbacks=[callback])
+    trainer = Trainer(model, args, train_dataset=rows, callbacks=[recorder] if recorder else None)
+    if attach:
+        callback.attach(trainer)
+    else:
+        trainer.add_callback(callback)
     trainer.train()
     return trainer
 
@@ -80,3 +95,18 @@ def test_bad_arguments_are_refused():
         PredictedAccuracyCallback(ScriptedPredictor([0.5]), every_n_steps=0)
     with pytest.raises(ValueError, match="patience"):
         PredictedAccuracyCallback(ScriptedPredictor([0.5]), patience=0)
+
+
+def test_attach_puts_the_prediction_into_the_logs_reporters_receive(tmp_path):
+    recorder = LogRecorder()  # registered before the callback, like the Trainer's reporting integrations
+    cb = PredictedAccuracyCallback(ScriptedPredictor([0.3, 0.4, 0.5]), every_n_steps=2)
+    _train(tmp_path, cb, max_steps=4, attach=True, recorder=recorder)
+    reported = [r["predicted_accuracy"] for r in recorder.seen if "predicted_accuracy" in r]
+    assert reported == pytest.approx([0.3, 0.4])  # steps 2 and 4 (the end-of-training read is not logged)
+
+
+def test_the_read_at_the_end_of_training_stops_nothing(tmp_path):
+    cb = PredictedAccuracyCallback(ScriptedPredictor([0.5, 0.1]), every_n_steps=3, prune_below=0.2)
+    trainer = _train(tmp_path, cb, max_steps=4)
+    assert trainer.state.global_step == 4
+    assert [s for s, _ in cb.history] == [3, 4] and cb.stop_reason is None

@@ -60,16 +60,21 @@ def _batched(ws: WeightSpace) -> tuple[WeightSpace, int, tuple[int, ...]]:
     return flat, batch[0], tuple(batch[1:])
 
 
-def statnn_feature_names(spec: WeightSpaceSpec, per_block: bool = True) -> list[str]:
+def statnn_feature_names(spec: WeightSpaceSpec, per_block: bool = True, invariant: bool = False) -> list[str]:
     """Names of the columns of `statnn_features` (for one channel), e.g. ``"q[1].q75"``."""
+    blocks = [(t.name, t.block) for t in spec.tensors if not (invariant and t.name in GL_TENSORS)]
+    if invariant:
+        blocks += [(n, True) for n in GL_PRODUCTS if n in ("qk", "vo") or PRODUCT_BIAS[n] in spec.names]
     names = []
-    for t in spec.tensors:
-        groups = [f"{t.name}[{i}]" for i in range(t.shape[0])] if (t.block and per_block) else [t.name]
+    for name, block in blocks:
+        groups = [f"{name}[{i}]" for i in range(spec.n_blocks)] if (block and per_block) else [name]
         names += [f"{g}.{s}" for g in groups for s in STATISTICS]
     return names
 
 
 GL_TENSORS = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias")
+GL_PRODUCTS = ("qk", "vo", "bq_k", "q_bk", "bv_o")
+PRODUCT_BIAS = {"bq_k": "q_bias", "q_bk": "k_bias", "bv_o": "v_bias"}  # the bias each bias product needs
 
 
 def gl_invariant_products(ws: WeightSpace) -> dict[str, torch.Tensor]:
@@ -101,6 +106,8 @@ def statnn_features(ws: WeightSpace, per_block: bool = True, tensors: Sequence[s
     other tensors), so the features are invariant under the whole group the Transformer-NFN is built
     for (permutations and per-head GL), not only under permutations.
     """
+    if invariant and tensors is not None:
+        raise ValueError("statnn_features: choose `tensors` or `invariant=True` (which replaces q/k/v/o), not both")
     flat, B, rest = _batched(ws)
     names = list(tensors) if tensors is not None else list(ws.spec.names)
     columns = [(flat[n], ws.spec[n].block) for n in names if not (invariant and n in GL_TENSORS)]

@@ -1,0 +1,45 @@
+"""The shipped NFN weights keep their meaning: outputs on fixed inputs equal those of the code they were
+trained with (tests/data/shipped_outputs.json, computed at commit 53d692d, before the layers were rewritten
+for speed), in float64."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_factories import build, extra_axes
+from nfn_plugins import extract_weights
+from nfn_plugins.optim import LearnedUpdate
+from nfn_plugins.predictor import AccuracyPredictor
+from nfn_plugins.weight_space import WeightSpace
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "shipped_outputs.json").read_text())
+
+
+def _inputs(name: str) -> WeightSpace:
+    model, _ = build(name, 0)
+    ws = extract_weights(model, extra_axes(name)).double()
+    gen = torch.Generator().manual_seed(1)
+    return ws.map(lambda x: torch.randn((3,) + x.shape, generator=gen, dtype=torch.float64) * 0.5)
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-10 * max(abs(b), 1e-12)
+
+
+@pytest.mark.parametrize("name", ["bert", "qwen2", "vit"])
+def test_shipped_predictor_and_learned_update_outputs_are_unchanged(name):
+    batch = _inputs(name)
+    pred = AccuracyPredictor.from_pretrained("mnist-paper").double().predict(batch).tolist()
+    assert all(_close(a, b) for a, b in zip(pred, GOLDEN[f"predictor/{name}"], strict=True)), pred
+    update = LearnedUpdate.from_pretrained("vit-mnist").double()
+    inp = WeightSpace.stack([batch.map(lambda t: t[i]) for i in range(3)] + [batch.map(lambda t: t[0].sign())])
+    with torch.no_grad():
+        correction = update(inp.unsqueeze(0))
+    expected = GOLDEN[f"learned_update/{name}"]
+    assert set(correction) == set(expected)
+    for key, (total, abs_total) in expected.items():
+        assert _close(float(correction[key].sum()), total) and _close(float(correction[key].abs().sum()), abs_total), key
