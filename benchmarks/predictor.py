@@ -235,8 +235,8 @@ def main(argv=None) -> int:
         write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, args))
         scatter(rows, args.name)
         return 0
-    if not args.zoo:
-        p.error("give at least one --zoo (or --report-only)")
+    if not args.zoo and not args.ood_zoo:
+        p.error("give at least one --zoo or --ood-zoo (or --report-only)")
     if args.quick:
         args.cutoffs, args.seeds, args.epochs = [0], [0], 3
     rows: list[dict] = []
