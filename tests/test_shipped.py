@@ -43,3 +43,17 @@ def test_shipped_predictor_and_learned_update_outputs_are_unchanged(name):
     assert set(correction) == set(expected)
     for key, (total, abs_total) in expected.items():
         assert _close(float(correction[key].sum()), total) and _close(float(correction[key].abs().sum()), abs_total), key
+
+
+def test_shipped_vit_predictor_reads_a_vit_of_an_unseen_width_invariantly():
+    from nfn_plugins.group import SymmetryGroup
+    from nfn_plugins.zoo.models import make_vit
+
+    assert {"mnist-paper", "mnist-vit"} <= set(AccuracyPredictor.available())
+    torch.manual_seed(0)
+    ws = extract_weights(make_vit(d_model=40, n_heads=4, n_blocks=2)).double()  # the zoo has widths 16-64 by 16
+    predictor = AccuracyPredictor.from_pretrained("mnist-vit").double()
+    pred = float(predictor.predict(ws))
+    assert 0.0 < pred < 1.0
+    g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(1), unit_scales=False)
+    assert _close(float(predictor.predict(g.act(ws))), pred)
