@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
 
-from nfn_plugins.baselines import FlatMLP, PaperTransformerNFN, StatNN, fit_gbt, predict_gbt  # noqa: E402
+from nfn_plugins.baselines import FlatMLP, PaperTransformerNFN, StatNN, fit_gbt, predict_gbt, statnn_features  # noqa: E402
 from nfn_plugins.metrics import regression_report  # noqa: E402
 from nfn_plugins.predictor import AccuracyPredictor, FitConfig, as_groups  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
@@ -80,8 +80,14 @@ def run_method(method: str, train, val, test, seed: int, epochs: int) -> tuple[d
         n_params = sum(p.numel() for p in model.parameters())
     elif method in ("gbt", "gbt-invariant"):
         invariant = method == "gbt-invariant"  # q, k, v, o replaced by their per-head products
-        model = fit_gbt(train[0][0], train[0][1], kind="hist", invariant=invariant)
-        pred = torch.cat([predict_gbt(model, ws, invariant=invariant).float() for ws, _ in test])
+        # one architecture: statistics per block; several: pooled over blocks, one feature set for every depth
+        per_block = len({ws.spec for ws, _ in train + test}) == 1
+
+        def features(groups):
+            return torch.cat([statnn_features(ws, per_block, invariant=invariant) for ws, _ in groups])
+
+        model = fit_gbt(features(train), torch.cat([y for _, y in train]), kind="hist")
+        pred = predict_gbt(model, features(test)).float()
         n_params = 0
     else:
         if len({ws.spec for ws, _ in train + test}) > 1:
@@ -110,8 +116,8 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
             if not (train and val and test):
                 continue
             for method in methods:
-                if method != "ours" and not single_arch:
-                    continue
+                if method not in ("ours", "gbt", "gbt-invariant") and not single_arch:
+                    continue  # the other baselines need one fixed architecture
                 if method == "paper-nfn" and train[0][0].spec.family != "zoo":
                     continue
                 metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs)
