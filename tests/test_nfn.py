@@ -242,3 +242,11 @@ def test_soft_clip_is_the_identity_below_the_limit_and_monotone_above():
     big = torch.tensor([1e2, 1e4, 1e8, 1e30], dtype=torch.float64)
     y = soft_clip(big, 60.0)
     assert (y.diff() > 0).all() and y[-1] < 200 and torch.equal(soft_clip(-big, 60.0), -y)
+
+
+def test_dtype_mismatch_is_an_error_for_one_input_channel_too():
+    """The 1-channel mixing is a broadcast multiply (which would promote dtypes); the mismatch still fails."""
+    ws = _batch("bert", c=1).float()
+    nfn = TransformerNFN(in_channels=1, channels=3, hidden=8, product_channels=2).double()
+    with pytest.raises((TypeError, RuntimeError), match="(?i)float"):
+        nfn(ws)

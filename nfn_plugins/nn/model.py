@@ -16,6 +16,7 @@ class TransformerNFNEncoder(nn.Module):
 
     The output has every block tensor of the input; non-block tensors come out as the per-stream
     statistics of `summarize_outer` (embedding tables are too large to carry through 16 channels).
+    The ReLUs run in place on the layers' outputs, so a forward hook on ``layers[i]`` sees them after it.
     """
 
     def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
