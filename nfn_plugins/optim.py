@@ -168,10 +168,10 @@ class NFNOptimizer(torch.optim.Optimizer):
         # one fused reduction and one sync: NaN/inf in any gradient makes its norm non-finite (a finite
         # gradient whose norm overflows is caught by the exact per-tensor check that follows)
         grads = [p.grad for p in params]
-        norms = [n.to(grads[0].device) for n in torch._foreach_norm(grads)] if grads else []
-        if not grads or bool(torch.stack(norms).isfinite().all()):
+        if not grads:
             return True
-        if all(bool(torch.isfinite(g).all()) for g in grads):
+        norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)])
+        if bool(norms.isfinite().all()) or all(bool(torch.isfinite(g).all()) for g in grads):
             return True
         if self.nonfinite == "raise":
             raise FloatingPointError("non-finite gradient: NFNOptimizer refused to step (nonfinite='raise')")

@@ -49,10 +49,10 @@ def _run(args: argparse.Namespace) -> int:
     model = AccuracyPredictor()
     history = model.fit(train, val, FitConfig(epochs=args.epochs, seed=args.seed), accelerator=accelerator)
     if accelerator is None or accelerator.is_main_process:
-        last = next((r for r in history if r.get("best")), history[-1])  # the epoch whose weights are kept
+        kept = next((r for r in history if r.get("best")), history[-1])  # the epoch whose weights are kept
         zoos = ", ".join(names)
         summary = (f"trained on zoo(s) {zoos}{f', epoch {args.epoch}' if args.epoch else ', all epochs'}; "
-                   f"validation Kendall tau {last['val_kendall_tau']:.3f}, L1 {last['val_l1']:.3f}")
+                   f"validation Kendall tau {kept['val_kendall_tau']:.3f}, L1 {kept['val_l1']:.3f}")
         model.save_pretrained(args.out, summary=summary, zoos=zoos, epochs=args.epochs, seed=args.seed,
                               history=history)
         print(f"[predictor] saved to {args.out}: {summary}")

@@ -236,21 +236,20 @@ def make_gbt(kind: str = "hist", **kwargs):
     raise ValueError(f"kind must be 'hist' or 'gbr', got {kind!r}")
 
 
-def _as_numpy_features(data: WeightSpace | torch.Tensor, per_block: bool, invariant: bool):
-    x = statnn_features(data, per_block, invariant=invariant) if isinstance(data, WeightSpace) else data
+def _as_numpy_features(data: WeightSpace | torch.Tensor, per_block: bool):
+    x = statnn_features(data, per_block) if isinstance(data, WeightSpace) else data
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def fit_gbt(data: WeightSpace | torch.Tensor, targets, kind: str = "hist", per_block: bool = True,
-            invariant: bool = False, **kwargs):
-    """Fit gradient-boosted trees on STATNN features of ``data`` (WeightSpace batch or features [N, F])
-    to ``targets`` [N]; returns the fitted regressor (use `predict_gbt` with the same ``invariant``)."""
+def fit_gbt(data: WeightSpace | torch.Tensor, targets, kind: str = "hist", per_block: bool = True, **kwargs):
+    """Fit gradient-boosted trees on STATNN features of ``data`` (WeightSpace batch or features [N, F], e.g.
+    ``statnn_features(ws, invariant=True)``) to ``targets`` [N]; returns the fitted regressor (use `predict_gbt`)."""
     model = make_gbt(kind, **kwargs)
     y = targets.detach().cpu().double().reshape(-1).numpy() if isinstance(targets, torch.Tensor) else targets
-    model.fit(_as_numpy_features(data, per_block, invariant), y)
+    model.fit(_as_numpy_features(data, per_block), y)
     return model
 
 
-def predict_gbt(model, data: WeightSpace | torch.Tensor, per_block: bool = True, invariant: bool = False) -> torch.Tensor:
+def predict_gbt(model, data: WeightSpace | torch.Tensor, per_block: bool = True) -> torch.Tensor:
     """Predictions [N] (float64) of a fitted regressor on a WeightSpace batch or features [N, F]."""
-    return torch.as_tensor(model.predict(_as_numpy_features(data, per_block, invariant)), dtype=torch.float64)
+    return torch.as_tensor(model.predict(_as_numpy_features(data, per_block)), dtype=torch.float64)

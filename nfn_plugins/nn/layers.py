@@ -78,9 +78,9 @@ def add_mix_(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torc
     stay small (full-size ones cost more in fresh pages than in arithmetic on MiniLM).
     """
     b, c = x.shape[:2]
-    if c == 1:  # scale * (w x) = (scale * w) x: no temporary at all
+    if c == 1:  # scale * (w x) = (scale * w) x: no full-size temporary at all
         w = _per_output_channel(weight, x)
-        return y.add_(x * w) if scale is None else y.addcmul_(scale * w, x)
+        return y.addcmul_(w if scale is None else scale * w, x)
     if scale is None:
         y.view(b, y.shape[1], -1).baddbmm_(weight.expand(b, -1, -1), x.reshape(b, c, -1))
         return y
