@@ -3,7 +3,9 @@
 Tasks: small Hugging Face ViTs (residual, pre-LN) trained on MNIST, with random width, heads, depth,
 learning rate and seed. Each task is trained for a random number of steps in truncations of ``unroll``
 steps; after each truncation the learned update takes one meta-gradient step on the mean log training
-loss of that truncation. Gradients of the task loss are treated as inputs (first-order meta-gradient,
+loss of that truncation. Past ``dense_steps`` steps into a task only every ``sparse_every``-th truncation
+does; the others just advance the task (no graph, about a third of the cost), so long tasks reach the late
+phase of training, where an update meta-trained on short runs only stalls, at a fraction of the cost. Gradients of the task loss are treated as inputs (first-order meta-gradient,
 no second derivatives); the meta-gradient flows through the weight trajectory and the NFN's corrections.
 The inner step is `optim.block_update`, the very function `NFNOptimizer.step` runs.
 
@@ -35,6 +37,8 @@ class MetaConfig:
     max_truncations: int = 100_000
     unroll: int = 8
     task_steps: tuple[int, int] = (40, 240)  # each task trains for a random number of steps in this range
+    dense_steps: int = 240  # a meta-gradient step after every truncation up to this many steps into a task,
+    sparse_every: int = 4  # and after every sparse_every-th truncation beyond (the others only advance it)
     widths: tuple[int, ...] = (16, 24, 32)
     heads: tuple[int, ...] = (2, 4)
     depths: tuple[int, ...] = (1, 2)
@@ -76,14 +80,18 @@ class Task:
         logits = functional_call(self.model, params, (), {"pixel_values": x[idx]}).logits
         return nn.functional.cross_entropy(logits, y[idx])
 
-    def step(self, learned: LearnedUpdate | None, weights: WeightSpace) -> tuple[WeightSpace, torch.Tensor]:
-        """One training step from ``weights``; returns the new weights and the loss at ``weights``."""
+    def step(self, learned: LearnedUpdate | None, weights: WeightSpace,
+             track: bool = True) -> tuple[WeightSpace, torch.Tensor]:
+        """One training step from ``weights``; returns the new weights and the loss at ``weights``.
+        ``track=False``: no graph from the new weights to ``learned`` (a step that only advances the task)."""
         loss = self.loss(weights)
         leaves = [weights[n] for n in weights.spec.names]
-        grads = torch.autograd.grad(loss, leaves, retain_graph=torch.is_grad_enabled() and loss.requires_grad)
+        grads = torch.autograd.grad(loss, leaves, retain_graph=track)
         grads = WeightSpace(weights.spec, {n: g.detach() for n, g in zip(weights.spec.names, grads)})
         self.t += 1
-        new_blocks, m, v = block_update(learned, weights, grads, self.m, self.v, self.t, self.lr, (0.9, 0.999), 1e-8, 0.0)
+        with torch.set_grad_enabled(track):
+            new_blocks, m, v = block_update(learned, weights, grads, self.m, self.v, self.t, self.lr, (0.9, 0.999),
+                                            1e-8, 0.0)
         new = dict(new_blocks)
         m_all, v_all = dict(self.m.tensors), dict(self.v.tensors)
         m_all.update({n: x.detach() for n, x in m.items()})
@@ -136,6 +144,13 @@ def meta_train(out: str | os.PathLike, cfg: MetaConfig | None = None, progress: 
         if task is None or trained >= task.steps:
             task, trained = Task(cfg, data, gen), 0
         weights = task.weights.map(lambda x: x.detach().requires_grad_())
+        if trained >= cfg.dense_steps and (trained // cfg.unroll) % cfg.sparse_every:  # only advance the task
+            for _ in range(cfg.unroll):
+                weights, _ = task.step(learned, weights, track=False)
+                weights = weights.map(lambda x: x.detach().requires_grad_())
+            task.weights = weights.map(lambda x: x.detach())
+            trained += cfg.unroll
+            continue
         losses = []
         for _ in range(cfg.unroll):
             weights, loss = task.step(learned, weights)
@@ -177,7 +192,10 @@ def _checkpoint(out: Path, learned, meta_opt, done: int, elapsed: float, cfg: Me
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init)
+    if args.sparse_every < 1 or args.dense_steps < 0:
+        raise SystemExit(f"--sparse-every must be >= 1 and --dense-steps >= 0, got {args.sparse_every}, {args.dense_steps}")
+    cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init, dense_steps=args.dense_steps,
+                     sparse_every=args.sparse_every)
     if args.task_steps:
         lo, hi = (int(x) for x in args.task_steps.split(","))
         if not 0 < lo <= hi:
@@ -204,5 +222,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--init", help="start from this learned update (directory or shipped name)")
     m.add_argument("--task-steps", help="MIN,MAX training steps per task (default 40,240); longer tasks "
                    "meta-train for longer training runs")
+    m.add_argument("--dense-steps", type=int, default=MetaConfig.dense_steps,
+                   help="meta-gradient step after every truncation up to this many steps into a task")
+    m.add_argument("--sparse-every", type=int, default=MetaConfig.sparse_every,
+                   help="beyond --dense-steps, a meta-gradient step after every N-th truncation only")
     m.set_defaults(func=_run)
 

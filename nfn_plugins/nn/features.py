@@ -162,15 +162,20 @@ def block_features(ws: WeightSpace) -> BlockFeatures:
     vo = per_matrix(lambda a, b: (a * b.transpose(-1, -2)).sum(-1), v, o)  # diag(v_h o_h)
     f = {"qk_diag": qk.mean(3), "vo_diag": vo.mean(3)}
 
-    def head_mean(equation: str, bias: str, x: torch.Tensor) -> torch.Tensor:
+    def head_mean(bias: str, x: torch.Tensor, stream_rows: bool) -> torch.Tensor:
+        """Mean over heads of x_h b_h (x [..., H, D, d], stream rows) or b_h x_h (x [..., H, d, D]): a D-vector."""
         if bias not in ws:
             return zero_d
         b = ws[bias] if bias == "q_bias" else expand_kv(ws[bias], g)  # k/v biases live on key-value heads
-        return per_matrix(lambda bm, xm: torch.einsum(equation, bm, xm), b, x) / spec.n_heads
 
-    f["bq_k"] = head_mean("...ha,...hia->...i", "q_bias", k)
-    f["q_bk"] = head_mean("...ha,...hia->...i", "k_bias", q)
-    f["bv_o"] = head_mean("...ha,...hai->...i", "v_bias", o)
+        def contract(bm: torch.Tensor, xm: torch.Tensor) -> torch.Tensor:
+            return (xm @ bm.unsqueeze(-1) if stream_rows else bm.unsqueeze(-2) @ xm).flatten(-2).sum(-2)
+
+        return per_matrix(contract, b, x) / spec.n_heads
+
+    f["bq_k"] = head_mean("q_bias", k, stream_rows=True)
+    f["q_bk"] = head_mean("k_bias", q, stream_rows=True)
+    f["bv_o"] = head_mean("v_bias", o, stream_rows=False)
     mlp_stream, u = _mlp_features(ws)
     f.update(mlp_stream)
     for name in ("gate_mean", "gate_sq"):

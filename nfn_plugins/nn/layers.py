@@ -154,9 +154,10 @@ class EquivariantLayer(nn.Module):
     def _bias_rows(self, x: torch.Tensor, s_in: torch.Tensor, name: str) -> torch.Tensor:
         """Bias update from its matrix ``name`` (q, k or v): the stream-weighted mean of its rows [B, co, L, H, d]."""
         w = self.mix[name].view(VIEWS[name], self.c_out, self.c_in)[4]
-        s_per_matrix = s_in.transpose(1, 2).unsqueeze(1)  # [B, 1, L, co, D]: broadcast over input channels
-        rows = per_matrix(lambda s, xm: torch.einsum("...oi,...hia->...oha", s, xm), s_per_matrix, x) / x.shape[-2]
-        return torch.einsum("bclohd,oc->bolhd", rows, w)
+        s_per_matrix = s_in.transpose(1, 2)[:, None, :, None]  # [B, 1, L, 1, co, D]: broadcast over channels, heads
+        rows = per_matrix(torch.matmul, s_per_matrix, x) / x.shape[-2]  # [B, C, L, H, co, d]
+        mixed = (rows * w.T[:, None, None, :, None]).sum(1)  # sum over input channels: [B, L, H, co, d]
+        return mixed.permute(0, 3, 1, 2, 4)
 
     def _products(self, ws: WeightSpace) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
         """GL-equivariant cubic terms (QK q, VO q, ...) on ``p`` projected channels each, and the norms used.
