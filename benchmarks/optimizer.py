@@ -28,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
 
+from nfn_plugins.memory import keep_freed_memory  # noqa: E402
 from nfn_plugins.optim import LearnedUpdate, NFNOptimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,9 +109,12 @@ def _state_bytes(opt) -> int:
     return total
 
 
-def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, batch_size: int = 64) -> dict:
+def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, batch_size: int = 64,
+            schedule: str = "constant") -> dict:
     model, (x, y), (xt, yt), forward = _task(task, seed)
     opt = _make_optimizer(kind, model, lr, learned)
+    # "linear": lr decays linearly to 0 over the budget (the Hugging Face Trainer's default), for every optimizer
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps) if schedule == "linear" else None
     gen = torch.Generator().manual_seed(seed)
     ema, curve, opt_time, t0 = None, [], 0.0, time.perf_counter()
     for step in range(steps):
@@ -121,6 +125,8 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
         s0 = time.perf_counter()
         opt.step()
         opt_time += time.perf_counter() - s0
+        if sched is not None:
+            sched.step()
         value = loss.item() if math.isfinite(loss.item()) else 10.0
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         curve.append(ema)
@@ -147,7 +153,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="100 steps, two tasks, for smoke tests")
     p.add_argument("--name", default="optimizer", help="results file stem in benchmarks/results/")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); every optimizer runs with the same")
+    p.add_argument("--schedule", choices=("constant", "linear"), default="constant",
+                   help="learning-rate schedule for every optimizer (linear: decay to 0, the HF Trainer default)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # for every optimizer alike: MiniLM-sized NFN steps would page-fault their tensors anew
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -161,7 +170,7 @@ def main(argv=None) -> int:
         runs = [("adamw", lr) for lr in grid] + [("adam-default", 1e-3 if task != "minilm-finetune" else 1e-3),
                                                   ("equivariant-adam", nfn_lr), ("nfn", nfn_lr)]
         for kind, lr in runs:
-            r = run_one(task, kind, lr, steps, args.seed, learned)
+            r = run_one(task, kind, lr, steps, args.seed, learned, schedule=args.schedule)
             print(f"[optimizer] {task:<16} {kind:<17} lr={lr:<7g} final {r['final_loss']:.4f} acc {r['test_acc']:.3f} "
                   f"step {1e3 * r['step_s']:.1f} ms (opt {1e3 * r['opt_step_s']:.1f} ms)", flush=True)
             rows.append(r)
@@ -201,7 +210,9 @@ def markdown(summary: list[dict], args, learned_meta: dict) -> str:
         f"Learned update: `{args.learned}` (meta-trained {learned_meta.get('truncations', '?')} truncations in "
         f"{learned_meta.get('minutes', 0):.0f} min on tasks of {mc.get('task_steps', '?')} steps); "
         f"NFN optimizer lr {args.nfn_lr} (not tuned); AdamW lr tuned per task on "
-        f"{ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Batch 64, weight decay 0, "
+        f"{ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Learning-rate schedule for every "
+        f"optimizer: {args.schedule}{' (decay to 0 over the budget)' if args.schedule == 'linear' else ''}. "
+        "`keep_freed_memory()` for every optimizer. Batch 64, weight decay 0, "
         "losses are an EMA (0.95) of the training loss. `steps to AdamW final`: first step at which the "
         "optimizer's loss reaches tuned AdamW's loss at the end of the budget (blank: never).", "",
         f"![loss curves]({args.name}_curves.png)", "",

@@ -26,16 +26,16 @@ def _train(model, opt, inputs, steps: int) -> None:
         opt.step()
 
 
-def _learned(seed: int = 0, dtype=torch.float64) -> LearnedUpdate:
+def _learned(seed: int = 0, dtype=torch.float64, n_layers: int = 2) -> LearnedUpdate:
     torch.manual_seed(seed)
-    lu = LearnedUpdate(channels=4, hidden=8, product_channels=2)
+    lu = LearnedUpdate(channels=4, hidden=8, product_channels=2, n_layers=n_layers)
     with torch.no_grad():
         lu.gain.fill_(0.5)  # an active correction (a fresh one starts at exactly 0)
     return lu.to(dtype)
 
 
-@pytest.mark.parametrize("name", ["bert", "llama_tied"])
-def test_update_is_equivariant(name, exact_float64):
+@pytest.mark.parametrize("name,n_layers", [("bert", 2), ("llama_tied", 2), ("bert", 1)])
+def test_update_is_equivariant(name, n_layers, exact_float64):
     """update(g.W, g.G) = g.update(W, G) for orthogonal head maps + permutations, learned correction active."""
     model, make_inputs = build(name)
     inputs = make_inputs(0)
@@ -43,7 +43,7 @@ def test_update_is_equivariant(name, exact_float64):
     g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(1), orthogonal=True, unit_scales=False)
     moved = copy.deepcopy(model)
     load_weights(moved, g.act(ws))
-    learned = _learned()
+    learned = _learned(n_layers=n_layers)
     opt_a = NFNOptimizer(model, lr=1e-2, weight_decay=0.1, learned=learned)
     opt_b = NFNOptimizer(moved, lr=1e-2, weight_decay=0.1, learned=learned)
     _train(model, opt_a, inputs, 3)
