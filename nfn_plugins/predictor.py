@@ -21,6 +21,7 @@ from .extract import extract_weights
 from .group import SymmetryGroup
 from .metrics import regression_report
 from .nn import TransformerNFN
+from .nn.features import soft_clip
 from .weight_space import WeightSpace
 
 FORMAT = "nfn-plugins-accuracy-predictor/1"
@@ -36,6 +37,10 @@ class PredictorConfig:
     product_channels: int = 4
     invariant_dim: int = 32
     head_hidden: int = 64
+    # soft_clip of the invariant head inputs (identity on [-limit, limit]): a degenerate checkpoint (dead head,
+    # v o ~ 0 while v_bias and o are not) is inflated by the invariant rescaling to features of ~1e3 (trained
+    # networks: < 50), which the head turns into logits of ~1e3. Elementwise on invariants: stays invariant.
+    feature_limit: float | None = 10.0
 
 
 @dataclass
@@ -48,6 +53,7 @@ class FitConfig:
     augment: bool = True  # random group elements (incl. the unit scales the NFN does not build in)
     seed: int = 0
     restore_best: bool = True  # with validation data: end with the weights of the best-validation-tau epoch
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm: one outlier item can give norms of ~1e3
 
 
 def as_groups(data) -> list[Group]:
@@ -89,7 +95,10 @@ class AccuracyPredictor(nn.Module):
         """Logits [B] for weight spaces with batch dims [B] or [B, 1]."""
         if len(ws.batch_shape) == 1:
             ws = ws.unsqueeze(1)
-        return self.nfn(ws).squeeze(-1)
+        features = self.nfn.features(ws)
+        if self.config.feature_limit is not None:
+            features = soft_clip(features, self.config.feature_limit)
+        return self.nfn.head(features).squeeze(-1)
 
     @torch.no_grad()
     def predict(self, x, batch_size: int = 64) -> torch.Tensor:
@@ -169,6 +178,9 @@ class AccuracyPredictor(nn.Module):
                 loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
                 opt.zero_grad()
                 (accelerator.backward(loss) if accelerator else loss.backward())
+                if cfg.max_grad_norm is not None:
+                    clip = accelerator.clip_grad_norm_ if accelerator else nn.utils.clip_grad_norm_
+                    clip(model.parameters(), cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
@@ -197,6 +209,7 @@ class AccuracyPredictor(nn.Module):
     def from_pretrained(cls, name_or_dir: str | os.PathLike) -> "AccuracyPredictor":
         """Load from a directory, or by the name of a predictor shipped with the package (see `available`)."""
         config, meta, state = checkpoints.load(name_or_dir, FORMAT, "accuracy predictor")
+        config.setdefault("feature_limit", None)  # saved before the limit existed: load them unchanged
         model = cls(PredictorConfig(**config))
         model.load_state_dict(state)
         model.meta = meta
