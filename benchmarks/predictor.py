@@ -164,7 +164,8 @@ def markdown(rows, ood, args) -> str:
     lines = ["# Accuracy prediction from weights", "",
              f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
              f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (each keeps "
-             "its best validation-tau epoch; ours trains with a cosine schedule and group augmentation).",
+             "its best validation-tau epoch; ours trains with a cosine schedule, group augmentation and "
+             "gradient-norm clipping at 1.0).",
              "", f"![predicted vs true]({args.name}_scatter.png)", "",
              "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",
              "|---|---|---|---|---|---|---|---|---|"]
