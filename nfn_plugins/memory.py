@@ -3,8 +3,9 @@
 An NFN forward on MiniLM-sized weight spaces allocates layer outputs of hundreds of MB. glibc serves
 allocations above 32 MiB with fresh ``mmap`` regions and unmaps them on free, so every call page-faults
 all of them in again (about a third of a MiniLM forward). Serving them from the heap and never trimming
-it removes that cost, at the price of the process keeping its peak memory (like a caching allocator).
-It is process-wide, hence a call the user makes, never something the library does by itself.
+it removes that cost, at the price of the process keeping its peak memory (like a caching allocator);
+the first few calls still fault while the heap settles. It is process-wide, hence a call the user makes,
+never something the library does by itself.
 """
 
 from __future__ import annotations
