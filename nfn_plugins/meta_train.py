@@ -4,10 +4,11 @@ Tasks: small Hugging Face ViTs (residual, pre-LN) trained on MNIST, with random 
 learning rate and seed. Each task is trained for a random number of steps in truncations of ``unroll``
 steps; after each truncation the learned update takes one meta-gradient step on the mean log training
 loss of that truncation. Past ``dense_steps`` steps into a task only every ``sparse_every``-th truncation
-does; the others just advance the task (no graph, about a third of the cost), so long tasks reach the late
-phase of training, where an update meta-trained on short runs only stalls, at a fraction of the cost. Gradients of the task loss are treated as inputs (first-order meta-gradient,
-no second derivatives); the meta-gradient flows through the weight trajectory and the NFN's corrections.
-The inner step is `optim.block_update`, the very function `NFNOptimizer.step` runs.
+does; the others only advance the task (no graph, no meta-gradient), so long tasks reach late training,
+where an update meta-trained on short runs stalls, at less cost. Gradients of the task loss are treated
+as inputs (first-order meta-gradient, no second derivatives); the meta-gradient flows through the weight
+trajectory and the NFN's corrections. The inner step is `optim.block_update`, the very function
+`NFNOptimizer.step` runs.
 
     nfn-plugins optim meta-train --out runs/lopt --minutes 50
 """
@@ -48,7 +49,7 @@ class MetaConfig:
     meta_lr: float = 3e-3
     channels: int = 8
     hidden: int = 16
-    n_layers: int = 2  # equivariant layers of the learned update (1 costs about half as much per step)
+    n_layers: int = 2  # equivariant layers of the learned update (1 cuts the NFN's share of a step by ~40%)
     checkpoint_every: int = 50
     seed: int = 0
     init: str | None = None  # start from this learned update (a directory or shipped name)
@@ -195,7 +196,8 @@ def _checkpoint(out: Path, learned, meta_opt, done: int, elapsed: float, cfg: Me
 
 def _run(args: argparse.Namespace) -> int:
     if args.sparse_every < 1 or args.dense_steps < 0:
-        raise SystemExit(f"--sparse-every must be >= 1 and --dense-steps >= 0, got {args.sparse_every}, {args.dense_steps}")
+        raise SystemExit(f"--sparse-every must be >= 1 and --dense-steps >= 0, "
+                         f"got {args.sparse_every} and {args.dense_steps}")
     cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init, dense_steps=args.dense_steps,
                      sparse_every=args.sparse_every, n_layers=args.layers)
     if args.task_steps:

@@ -199,8 +199,7 @@ class NFNOptimizer(torch.optim.Optimizer):
         def source(key: str):
             def read(h) -> torch.Tensor:
                 if key == "grad":
-                    g = h.param.grad
-                    return torch.zeros_like(h.param) if g is None else g if g.dtype == h.param.dtype else g.to(h.param.dtype)
+                    return torch.zeros_like(h.param) if h.param.grad is None else h.param.grad.to(h.param.dtype)
                 st = self.state.get(h.param)
                 return st[key] if st and h.name not in b.outer else torch.zeros_like(h.param)
             return read
@@ -238,9 +237,11 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
     # Adam's moments and direction with fused multi-tensor ops (the same arithmetic as per tensor, far fewer
     # dispatches: on small models the optimizer step is dominated by per-op overhead). No autograd needed:
     # gradients and moments are data, only the new weights carry the learned correction's graph.
-    m_list = torch._foreach_add(torch._foreach_mul([exp_avg[n] for n in names], beta1), torch._foreach_mul(g, 1 - beta1))
     sq = [head_pooled_square(n, x) for n, x in zip(names, g)]
-    v_list = torch._foreach_add(torch._foreach_mul([exp_avg_sq[n] for n in names], beta2), torch._foreach_mul(sq, 1 - beta2))
+    m_list = torch._foreach_add(torch._foreach_mul([exp_avg[n] for n in names], beta1),
+                                torch._foreach_mul(g, 1 - beta1))
+    v_list = torch._foreach_add(torch._foreach_mul([exp_avg_sq[n] for n in names], beta2),
+                                torch._foreach_mul(sq, 1 - beta2))
     denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v_list, 1 - beta2**step)), eps)
     d_list = torch._foreach_div(torch._foreach_div(m_list, 1 - beta1**step), denom)
     m, v, direction = (dict(zip(names, xs)) for xs in (m_list, v_list, d_list))
@@ -249,7 +250,8 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
         as_ws = lambda blocks, like: WeightSpace(like.spec, {**like.tensors, **blocks})  # noqa: E731
         inputs = [weights, grads, as_ws(m, exp_avg), as_ws(direction, exp_avg)]
         with torch.inference_mode(not torch.is_grad_enabled()):  # in a plain step: less autograd bookkeeping
-            correction = learned(WeightSpace.stack([x if x.dtype == dtype else x.to(dtype) for x in inputs]).unsqueeze(0))
+            stacked = WeightSpace.stack([x if x.dtype == dtype else x.to(dtype) for x in inputs])  # no copies if equal
+            correction = learned(stacked.unsqueeze(0))
         direction = {n: direction[n] + correction[n].to(direction[n].dtype) for n in names}
     new = {n: weights[n] * (1 - lr * weight_decay) - lr * direction[n] for n in names}
     return new, m, v

@@ -21,7 +21,6 @@ from .extract import extract_weights
 from .group import SymmetryGroup
 from .metrics import regression_report
 from .nn import TransformerNFN
-from .nn.features import soft_clip
 from .weight_space import WeightSpace
 
 FORMAT = "nfn-plugins-accuracy-predictor/1"
@@ -37,10 +36,7 @@ class PredictorConfig:
     product_channels: int = 4
     invariant_dim: int = 32
     head_hidden: int = 64
-    # soft_clip of the invariant head inputs (identity on [-limit, limit]): a degenerate checkpoint (dead head,
-    # v o ~ 0 while v_bias and o are not) is inflated by the invariant rescaling to features of ~1e3 (trained
-    # networks: < 50), which the head turns into logits of ~1e3. Elementwise on invariants: stays invariant.
-    feature_limit: float | None = 10.0
+    feature_limit: float | None = 10.0  # see TransformerNFN: collapsed zoo members gave logits of ~1e3 without it
 
 
 @dataclass
@@ -88,17 +84,14 @@ class AccuracyPredictor(nn.Module):
         c = self.config
         self.nfn = TransformerNFN(in_channels=1, channels=c.channels, n_layers=c.n_layers, hidden=c.hidden,
                                   product_channels=c.product_channels, invariant_dim=c.invariant_dim,
-                                  head_hidden=c.head_hidden, out_dim=1)
+                                  head_hidden=c.head_hidden, out_dim=1, feature_limit=c.feature_limit)
         self.meta: dict = {}
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
         """Logits [B] for weight spaces with batch dims [B] or [B, 1]."""
         if len(ws.batch_shape) == 1:
             ws = ws.unsqueeze(1)
-        features = self.nfn.features(ws)
-        if self.config.feature_limit is not None:
-            features = soft_clip(features, self.config.feature_limit)
-        return self.nfn.head(features).squeeze(-1)
+        return self.nfn(ws).squeeze(-1)
 
     @torch.no_grad()
     def predict(self, x, batch_size: int = 64) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..weight_space import WeightSpace
-from .features import summarize_outer
+from .features import soft_clip, summarize_outer
 from .layers import EquivariantLayer, EquivariantReLU, InvariantLayer
 from .normalize import SCALE_SLOTS, normalize_scales
 
@@ -41,12 +41,17 @@ class TransformerNFN(nn.Module):
     """Invariant Transformer-NFN: weight space [B, C_in] -> [B, out_dim], same output for every symmetric copy.
 
     Inputs are rescaled per tensor by invariant scalars (`normalize_scales`); their logs join the pooled
-    features, so the network sees magnitudes without being dominated by them.
+    features, so the network sees magnitudes without being dominated by them. ``feature_limit``: the
+    features are soft-clipped there (identity below; elementwise, so they stay invariant). Degenerate
+    checkpoints (dead attention or norm gains) are inflated by the rescaling to features of ~1e3, where
+    trained networks give < 50, and would dominate training of the head.
     """
 
     def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
-                 product_channels: int = 4, invariant_dim: int = 32, head_hidden: int = 64, out_dim: int = 1):
+                 product_channels: int = 4, invariant_dim: int = 32, head_hidden: int = 64, out_dim: int = 1,
+                 feature_limit: float | None = None):
         super().__init__()
+        self.feature_limit = feature_limit
         self.encoder = TransformerNFNEncoder(in_channels, channels, n_layers, hidden, product_channels)
         self.pool = InvariantLayer(channels, invariant_dim)
         self.feature_dim = self.pool.out_dim + in_channels * len(SCALE_SLOTS)
@@ -55,7 +60,8 @@ class TransformerNFN(nn.Module):
     def features(self, ws: WeightSpace) -> torch.Tensor:
         """[B, feature_dim] invariant features: pooled NFN output and the inputs' log-scales."""
         ws, log_scales = normalize_scales(summarize_outer(ws))
-        return torch.cat([self.pool(self.encoder(ws)), log_scales.flatten(1)], -1)
+        features = torch.cat([self.pool(self.encoder(ws)), log_scales.flatten(1)], -1)
+        return features if self.feature_limit is None else soft_clip(features, self.feature_limit)
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
         return self.head(self.features(ws))
