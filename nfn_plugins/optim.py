@@ -10,6 +10,9 @@ Block weights (per-head Q/K/V/O, MLP, norms) get
 - ``correction`` comes from a Transformer-NFN reading (weights, gradient, momentum, Adam direction) of the
   whole model at once; it is bounded (`bounded`) and scaled by per-tensor-type gains that start at 0, so an
   untrained `LearnedUpdate` is exactly the equivariant Adam above.
+- The correction is trusted for as many steps as the meta-training unrolls were long (the horizon H), then
+  fades linearly to 0 at step 2H, leaving equivariant Adam. Meta-trained on short tasks, it speeds up early
+  training but hurts late training (measured in benchmarks/optimizer.py); after 2H the NFN is not run at all.
 
 Equivariance group (tested in float64): stream permutations, GQA-aware head permutations, orthogonal
 maps per head on Q/K and V/O, MLP-unit permutations. Those are the symmetries under which gradients
@@ -23,6 +26,7 @@ wrapped base optimizer (AdamW by default) that shares this optimizer's param gro
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 
@@ -72,6 +76,12 @@ class LearnedUpdate(nn.Module):
         self.max_correction = max_correction
         self.meta: dict = {}
 
+    @property
+    def horizon(self) -> int | None:
+        """The longest training task of meta-training (steps), from the metadata; None if not recorded."""
+        steps = self.meta.get("meta_config", {}).get("task_steps")
+        return int(steps[1]) if steps else None
+
     def forward(self, inputs: WeightSpace) -> dict[str, torch.Tensor]:
         """inputs [1, 4] -> {block tensor: correction (unbatched)}, each entry bounded by max_correction."""
         x, _ = normalize_scales(summarize_outer(inputs))
@@ -103,6 +113,9 @@ class NFNOptimizer(torch.optim.Optimizer):
         model: the model (HF, torch, PEFT-, DDP- or accelerate-wrapped).
         lr, betas, eps, weight_decay: as in AdamW, for every parameter.
         learned: a `LearnedUpdate` (None: equivariant Adam only).
+        correction_horizon: steps H of full learned correction; it then fades linearly to 0 at step 2H.
+            None: ``learned.horizon`` (the meta-training task length; never fades if unknown); ``math.inf``:
+            never fade.
         nonfinite: "skip" (warn and skip the whole step when any gradient is NaN/inf) or "raise".
         base_optimizer: class for the parameters outside the blocks (AdamW by default).
         extra_axes: see `extract_weights`.
@@ -111,7 +124,7 @@ class NFNOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, learned: LearnedUpdate | None = None,
                  nonfinite: str = "skip", base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
-                 base_kwargs: dict | None = None, extra_axes=None):
+                 base_kwargs: dict | None = None, extra_axes=None, correction_horizon: float | None = None):
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         self.binding: Binding = bind(model, extra_axes, strict=False)
@@ -123,6 +136,10 @@ class NFNOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": block, "name": "nfn_blocks"}],
                          dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.learned = learned
+        horizon = correction_horizon if correction_horizon is not None else (learned.horizon if learned else None)
+        if horizon is not None and not horizon > 0:
+            raise ValueError(f"correction_horizon must be a positive number of steps (or math.inf), got {horizon!r}")
+        self.correction_horizon = math.inf if horizon is None else horizon
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.base = None
@@ -205,9 +222,10 @@ class NFNOptimizer(torch.optim.Optimizer):
             return read
 
         step = int(self.state[group["params"][0]]["step"])
-        new = block_update(self.learned, b.read(), b.read(source("grad")), b.read(source("exp_avg")),
+        fade = min(1.0, max(0.0, 2.0 - step / self.correction_horizon))
+        new = block_update(self.learned if fade > 0 else None, b.read(), b.read(source("grad")), b.read(source("exp_avg")),
                            b.read(source("exp_avg_sq")), step, group["lr"], group["betas"], group["eps"],
-                           group["weight_decay"])
+                           group["weight_decay"], fade)
         targets, values = [], []
         for key, tensors in zip(("weight", "exp_avg", "exp_avg_sq"), new):
             for handle, value in b.to_parameters(tensors, blocks_only=True):
@@ -225,8 +243,9 @@ Tensors = dict[str, torch.Tensor]
 
 def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: WeightSpace, exp_avg: WeightSpace,
                  exp_avg_sq: WeightSpace, step: int, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float) -> tuple[Tensors, Tensors, Tensors]:
+                 weight_decay: float, correction_scale: float = 1.0) -> tuple[Tensors, Tensors, Tensors]:
     """One update of the block tensors in canonical layout: (new weights, new first and second moments).
+    ``correction_scale`` multiplies the learned correction (the optimizer's fade).
 
     Pure and differentiable in ``learned``'s parameters: `NFNOptimizer.step` and meta-training share it.
     The moment weight spaces carry zeros for the outer tensors (whose moments live elsewhere).
@@ -252,6 +271,6 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
         with torch.inference_mode(not torch.is_grad_enabled()):  # in a plain step: less autograd bookkeeping
             stacked = WeightSpace.stack([x if x.dtype == dtype else x.to(dtype) for x in inputs])  # no copies if equal
             correction = learned(stacked.unsqueeze(0))
-        direction = {n: direction[n] + correction[n].to(direction[n].dtype) for n in names}
+        direction = {n: direction[n] + correction_scale * correction[n].to(direction[n].dtype) for n in names}
     new = {n: weights[n] * (1 - lr * weight_decay) - lr * direction[n] for n in names}
     return new, m, v

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
 
 from model_factories import build
 from nfn_plugins import SymmetryGroup, extract_weights, load_weights
-from nfn_plugins.optim import LearnedUpdate, NFNOptimizer
+from nfn_plugins.optim import LearnedUpdate, NFNOptimizer, block_update
 
 
 def _loss(model, inputs) -> torch.Tensor:
@@ -89,6 +90,45 @@ def test_correction_is_bounded():
     inputs = WeightSpace.stack([ws.map(lambda x: 1e6 * torch.randn_like(x)) for _ in range(4)]).unsqueeze(0)
     corr = lu(inputs)
     assert max(float(c.detach().abs().max()) for c in corr.values()) <= lu.max_correction
+
+
+def test_correction_fades_out_after_the_horizon():
+    """Full correction for H steps, a linear fade to 0 at step 2H, then equivariant Adam without running the NFN."""
+    model, make_inputs = build("bert")
+    inputs = make_inputs(0)
+    learned = _learned()
+    calls = []
+    learned.register_forward_hook(lambda *_: calls.append(1))
+    twins = {h: copy.deepcopy(model) for h in (2, math.inf)}
+    opts = {h: NFNOptimizer(m, lr=1e-2, learned=learned, correction_horizon=h) for h, m in twins.items()}
+    trajectories = {h: [] for h in twins}
+    for _ in range(6):
+        for h, m in twins.items():
+            _train(m, opts[h], inputs, 1)
+            trajectories[h].append([p.detach().clone() for p in m.parameters()])
+    same = [all(torch.equal(a, b) for a, b in zip(*(t[i] for t in trajectories.values()))) for i in range(6)]
+    assert same == [True, True, False, False, False, False]
+    assert len(calls) == 3 + 6  # horizon 2: steps 1-3 (step 3 at half strength); never fading: all 6
+
+    # the scale enters linearly: half strength lies halfway between none and full (float64)
+    ws = extract_weights(model)
+    grads = ws.map(torch.randn_like)
+    moments = ws.map(torch.zeros_like)
+    new = {s: block_update(learned, ws, grads, moments, moments, 3, 1e-2, (0.9, 0.999), 1e-8, 0.0, s)[0]
+           for s in (0.0, 0.5, 1.0)}
+    assert all(torch.allclose(new[0.5][k], (new[0.0][k] + new[1.0][k]) / 2, atol=1e-12) for k in new[0.5])
+    assert any(not torch.equal(new[0.0][k], new[1.0][k]) for k in new[0.5])
+
+
+def test_correction_horizon_defaults_to_the_meta_training_task_length():
+    model, _ = build("bert")
+    shipped = LearnedUpdate.from_pretrained("vit-mnist")
+    assert shipped.horizon == shipped.meta["meta_config"]["task_steps"][1]
+    assert NFNOptimizer(model, learned=shipped).correction_horizon == shipped.horizon
+    assert NFNOptimizer(model, learned=shipped, correction_horizon=math.inf).correction_horizon == math.inf
+    assert NFNOptimizer(model, learned=_learned()).correction_horizon == math.inf  # no metadata: never fades
+    with pytest.raises(ValueError, match="correction_horizon must be a positive"):
+        NFNOptimizer(model, learned=shipped, correction_horizon=0)
 
 
 def test_param_groups_state_dict_and_bit_identical_resume():
