@@ -164,8 +164,8 @@ def markdown(rows, ood, args) -> str:
     lines = ["# Accuracy prediction from weights", "",
              f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
              f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (each keeps "
-             "its best validation-tau epoch; ours trains with a cosine schedule, group augmentation and "
-             "gradient-norm clipping at 1.0).",
+             "its best validation-tau epoch; ours trains with `FitConfig`'s defaults: lr 3e-3 with a cosine schedule, "
+             "group augmentation and gradient-norm clipping at 1.0, and a head with 2 hidden layers).",
              "", f"![predicted vs true]({args.name}_scatter.png)", "",
              "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -234,7 +234,8 @@ def main(argv=None) -> int:
         for key, value in saved[0]["args"].items():
             if key not in ("name", "combine", "report_only", "zoo", "ood_zoo"):
                 setattr(args, key, value)
-        rows = [r for s in saved for r in s["rows"]]
+        rows = sorted((r for s in saved for r in s["rows"]),  # stable: seeds keep their order
+                      key=lambda r: (r["zoo"], r["cutoff"], METHODS.index(r["method"])))
         ood = [r for s in saved for r in s["ood"]]
         if args.combine:
             write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),

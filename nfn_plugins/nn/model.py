@@ -7,6 +7,7 @@ from torch import nn
 
 from ..weight_space import WeightSpace
 from .features import soft_clip, summarize_outer
+from .head import mlp
 from .layers import EquivariantLayer, EquivariantReLU, InvariantLayer
 from .normalize import SCALE_SLOTS, normalize_scales
 
@@ -49,13 +50,13 @@ class TransformerNFN(nn.Module):
 
     def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
                  product_channels: int = 4, invariant_dim: int = 32, head_hidden: int = 64, out_dim: int = 1,
-                 feature_limit: float | None = None):
+                 feature_limit: float | None = None, head_layers: int = 1):
         super().__init__()
         self.feature_limit = feature_limit
         self.encoder = TransformerNFNEncoder(in_channels, channels, n_layers, hidden, product_channels)
         self.pool = InvariantLayer(channels, invariant_dim)
         self.feature_dim = self.pool.out_dim + in_channels * len(SCALE_SLOTS)
-        self.head = nn.Sequential(nn.Linear(self.feature_dim, head_hidden), nn.ReLU(), nn.Linear(head_hidden, out_dim))
+        self.head = mlp(self.feature_dim, [head_hidden] * head_layers, out_dim)
 
     def features(self, ws: WeightSpace) -> torch.Tensor:
         """[B, feature_dim] invariant features: pooled NFN output and the inputs' log-scales."""
