@@ -93,6 +93,8 @@ def _make_optimizer(kind: str, model: nn.Module, lr: float, learned: LearnedUpda
                     correction_horizon: float | None = None):
     if kind == "nfn":
         return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=correction_horizon)
+    if kind == "nfn-never-fading":  # the same learned update with its correction at full strength throughout
+        return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=math.inf)
     if kind == "equivariant-adam":
         return NFNOptimizer(model, lr=lr, weight_decay=0.0)
     if kind == "adamw":
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); every optimizer runs with the same")
     p.add_argument("--schedule", choices=("constant", "linear"), default="constant",
                    help="learning-rate schedule for every optimizer (linear: decay to 0, the HF Trainer default)")
+    p.add_argument("--compare-never-fading", action="store_true",
+                   help="also run the learned update with its correction never fading (correction_horizon=inf)")
     p.add_argument("--correction-horizon", type=float,
                    help="NFNOptimizer's correction_horizon (default: the learned update's meta-training task "
                         "length; inf: the correction never fades)")
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
         nfn_lr = args.nfn_lr if task != "minilm-finetune" else 3e-5
         runs = [("adamw", lr) for lr in grid] + [("adam-default", 1e-3 if task != "minilm-finetune" else 1e-3),
                                                   ("equivariant-adam", nfn_lr), ("nfn", nfn_lr)]
+        if args.compare_never_fading:
+            runs.append(("nfn-never-fading", nfn_lr))
         for kind, lr in runs:
             r = run_one(task, kind, lr, steps, args.seed, learned, schedule=args.schedule,
                         correction_horizon=args.correction_horizon)
@@ -266,7 +272,8 @@ def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> Non
 
     styles = {"adam-default": dict(color="tab:red", ls=":", lw=1.2),
               "equivariant-adam": dict(color="tab:blue", ls="-", lw=1.2),
-              "nfn": dict(color="tab:purple", ls="-", lw=1.8)}
+              "nfn": dict(color="tab:purple", ls="-", lw=1.8),
+              "nfn-never-fading": dict(color="tab:purple", ls="--", lw=1.0)}
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
