@@ -176,6 +176,9 @@ def markdown(rows, ood, args) -> str:
         lines.append(f"| {zoo} | {cutoff}% | {method} | {tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} | "
                      f"{l1[0]:.4f} | {sel[0]['params']:,} | {statistics.mean(r['train_seconds'] for r in sel):.0f} | "
                      f"{sel[0]['n_train']}/{sel[0]['n_test']} |")
+    if getattr(args, "combine", None):
+        lines += ["", f"Rows merged from the runs {', '.join(args.combine)} (same zoos, splits and seeds; baseline "
+                      "rows may come from an earlier run than ours when only ours changed)."]
     empty = [c for c in args.cutoffs if c not in {r["cutoff"] for r in rows}]
     if empty:
         lines += ["", f"Cut-offs with too few members to split (no row above): {', '.join(f'{c}%' for c in empty)}."]
