@@ -26,13 +26,21 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
 
-from nfn_plugins.baselines import FlatMLP, PaperTransformerNFN, StatNN, fit_gbt, predict_gbt, statnn_features  # noqa: E402
+from nfn_plugins.baselines import (  # noqa: E402
+    FlatMLP,
+    PaperTransformerNFN,
+    ScaleMLP,
+    StatNN,
+    fit_gbt,
+    predict_gbt,
+    statnn_features,
+)
 from nfn_plugins.metrics import regression_report  # noqa: E402
 from nfn_plugins.predictor import AccuracyPredictor, FitConfig, as_groups  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ours", "paper-nfn", "statnn", "gbt", "gbt-invariant", "flat-mlp")
+METHODS = ("ours", "scale-mlp", "paper-nfn", "statnn", "gbt", "gbt-invariant", "flat-mlp")
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -90,12 +98,13 @@ def run_method(method: str, train, val, test, seed: int, epochs: int) -> tuple[d
         pred = predict_gbt(model, features(test)).float()
         n_params = 0
     else:
-        if len({ws.spec for ws, _ in train + test}) > 1:
+        if method != "scale-mlp" and len({ws.spec for ws, _ in train + test}) > 1:
             raise ValueError(f"{method} handles one architecture only")
         model = {"paper-nfn": lambda: PaperTransformerNFN(spec), "statnn": lambda: StatNN(spec),
+                 "scale-mlp": lambda: ScaleMLP(),
                  "flat-mlp": lambda: FlatMLP(spec, max_features=20_000, seed=seed)}[method]()
         if hasattr(model, "fit_normalizer"):
-            model.fit_normalizer(train[0][0])
+            model.fit_normalizer(torch.cat([model.features(ws.map(lambda t: t.float())) for ws, _ in train]))
         lr = 1e-3 if method != "flat-mlp" else 3e-4
         model = _fit_module(model, train, val, epochs, lr, 16, seed)
         pred = _predict_module(model, test)
@@ -116,7 +125,7 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
             if not (train and val and test):
                 continue
             for method in methods:
-                if method not in ("ours", "gbt", "gbt-invariant") and not single_arch:
+                if method not in ("ours", "scale-mlp", "gbt", "gbt-invariant") and not single_arch:
                     continue  # the other baselines need one fixed architecture
                 if method == "paper-nfn" and train[0][0].spec.family != "zoo":
                     continue

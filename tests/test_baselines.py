@@ -13,6 +13,7 @@ from nfn_plugins.baselines import (
     STATISTICS,
     FlatMLP,
     PaperTransformerNFN,
+    ScaleMLP,
     StatNN,
     fit_gbt,
     make_gbt,
@@ -272,3 +273,20 @@ def test_invariant_statnn_features_are_invariant_under_the_nfn_group(kv):
     assert len(statnn_feature_names(spec, invariant=True)) == inv.shape[-1]
     with pytest.raises(ValueError, match="not both"):
         statnn_features(ws, tensors=["up"], invariant=True)
+
+
+# -- ScaleMLP ----------------------------------------------------------------------------------
+def test_scale_mlp_is_invariant_and_takes_any_architecture():
+    gen = torch.Generator().manual_seed(4)
+    model = ScaleMLP().double()
+    outputs = []
+    for spec in (make_spec(), make_spec(D=12, H=4, kv=2, A=10, L=3)):
+        ws = rand_ws(spec, (5,), gen)
+        g = SymmetryGroup(spec).sample(gen, unit_scales=False)
+        assert rel(model(g.act(ws)), model(ws)) < 1e-10
+        outputs.append(model(ws))
+    assert all(o.shape == (5, 1) and ((o > 0) & (o < 1)).all() for o in outputs)
+    # it reads only the norms: rescaling one tensor type changes the prediction
+    ws = rand_ws(make_spec(), (5,), gen)
+    scaled = WeightSpace(ws.spec, {**ws.tensors, "up": 3 * ws["up"]})
+    assert rel(model(scaled), model(ws)) > 1e-4

@@ -5,11 +5,13 @@
 - `StatNN` / `statnn_features` / `fit_gbt`: per-tensor weight statistics (Unterthiner et al. 2020) with
   an MLP head or gradient-boosted trees (scikit-learn, optional); with ``invariant=True`` on the
   per-head products q k^T, v o instead of q, k, v, o (invariant under the NFN's whole group).
+- `ScaleMLP`: only the log-norms of the tensor types (the NFN's invariant rescaling scalars) into an MLP.
 - `FlatMLP`: the flattened weights (optionally a fixed random subset) into an MLP.
 """
 
 from .flat import FlatMLP
 from .paper_nfn import PaperEquivariantLayer, PaperInvariantLayer, PaperTransformerNFN
+from .scales import ScaleMLP
 from .statnn import (
     STATISTICS,
     StatNN,
@@ -29,6 +31,7 @@ __all__ = [
     "PaperEquivariantLayer",
     "PaperInvariantLayer",
     "PaperTransformerNFN",
+    "ScaleMLP",
     "StatNN",
     "Standardizer",
     "fit_gbt",
