@@ -122,3 +122,21 @@ def test_fit_ends_with_the_best_validation_epoch():
         final = model.evaluate(val)["kendall_tau"]
         assert final == pytest.approx(max(taus) if restore else taus[-1], abs=1e-6)
         assert [r.get("best", False) for r in history].count(True) == (1 if restore else 0)
+
+
+def test_predictors_saved_before_newer_options_load_unchanged(tmp_path):
+    """A config without `feature_limit` and `head_layers` (older files) loads as saved: no clip, one head layer."""
+    import json
+
+    old = replace(SMALL, feature_limit=None, head_layers=1)
+    torch.manual_seed(0)
+    model = AccuracyPredictor(old)
+    model.save_pretrained(tmp_path / "p")
+    path = tmp_path / "p" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["config"]["feature_limit"], saved["config"]["head_layers"]
+    path.write_text(json.dumps(saved))
+    loaded = AccuracyPredictor.from_pretrained(tmp_path / "p")
+    assert loaded.config == old
+    ws, _ = _synthetic(4, 16, 5)
+    assert torch.equal(loaded.predict(ws), model.predict(ws))
