@@ -223,7 +223,8 @@ class NFNOptimizer(torch.optim.Optimizer):
 
         step = int(self.state[group["params"][0]]["step"])
         fade = min(1.0, max(0.0, 2.0 - step / self.correction_horizon))
-        new = block_update(self.learned if fade > 0 else None, b.read(), b.read(source("grad")), b.read(source("exp_avg")),
+        learned = self.learned if fade > 0 else None  # past 2H: plain equivariant Adam, the NFN is not run
+        new = block_update(learned, b.read(), b.read(source("grad")), b.read(source("exp_avg")),
                            b.read(source("exp_avg_sq")), step, group["lr"], group["betas"], group["eps"],
                            group["weight_decay"], fade)
         targets, values = [], []
