@@ -121,7 +121,7 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
     # "linear": lr decays linearly to 0 over the budget (the Hugging Face Trainer's default), for every optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps) if schedule == "linear" else None
     gen = torch.Generator().manual_seed(seed)
-    ema, curve, opt_times, step_times, t0 = None, [], [], [], time.perf_counter()
+    ema, curve, opt_times, step_times = None, [], [], []
     for step in range(steps):
         start = time.perf_counter()
         idx = torch.randint(len(y), (batch_size,), generator=gen)
@@ -137,12 +137,11 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         curve.append(ema)
         step_times.append(time.perf_counter() - start)
-    wall = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
         acc = float((forward(model, xt).argmax(-1) == yt).float().mean())
     return {"task": task, "optimizer": kind, "lr": lr, "final_loss": curve[-1], "test_acc": acc,
-            "step_s": wall / steps, "opt_step_s": sum(opt_times) / steps,
+            "step_s": statistics.mean(step_times), "opt_step_s": statistics.mean(opt_times),
             # medians over the first steps, where the learned correction runs at full strength
             "step_early_s": statistics.median(step_times[:EARLY_STEPS]),
             "opt_step_early_s": statistics.median(opt_times[:EARLY_STEPS]),
@@ -196,7 +195,7 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
                                                       "summary": summary, "runs": rows})
-    write_atomic(RESULTS / f"{args.name}.md", markdown(summary, args, learned.meta))
+    write_atomic(RESULTS / f"{args.name}.md", markdown(summary, args, learned))
     plot(rows, RESULTS / f"{args.name}_curves.png")
     return 0
 
@@ -224,13 +223,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(summary: list[dict], args, learned_meta: dict) -> str:
+def markdown(summary: list[dict], args, learned: LearnedUpdate) -> str:
+    learned_meta = learned.meta
     mc = learned_meta.get("meta_config", {})
     lines = [
         "# Learned equivariant optimizer vs AdamW", "",
         f"Learned update: `{args.learned}` (meta-trained {learned_meta.get('truncations', '?')} truncations in "
         f"{learned_meta.get('minutes', 0):.0f} min on tasks of {mc.get('task_steps', '?')} steps); "
-        f"NFN optimizer lr {args.nfn_lr} (not tuned), {_fade_text(args, learned_meta)}; AdamW lr tuned per task on "
+        f"NFN optimizer lr {args.nfn_lr} (not tuned), {_fade_text(args.correction_horizon or learned.horizon or math.inf)}; AdamW lr tuned per task on "
         f"{ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Learning-rate schedule for every "
         f"optimizer: {args.schedule}{' (decay to 0 over the budget)' if args.schedule == 'linear' else ''}. "
         "`keep_freed_memory()` for every optimizer. Batch 64, weight decay 0, "
@@ -252,11 +252,7 @@ def markdown(summary: list[dict], args, learned_meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fade_text(args, learned_meta: dict) -> str:
-    horizon = args.correction_horizon
-    if horizon is None:
-        steps = learned_meta.get("meta_config", {}).get("task_steps")
-        horizon = steps[1] if steps else math.inf
+def _fade_text(horizon: float) -> str:
     if math.isinf(horizon):
         return "learned correction at full strength throughout"
     return (f"learned correction at full strength for {horizon:g} steps, fading linearly to 0 at step "

@@ -104,7 +104,7 @@ def run_method(method: str, train, val, test, seed: int, epochs: int) -> tuple[d
                  "scale-mlp": lambda: ScaleMLP(),
                  "flat-mlp": lambda: FlatMLP(spec, max_features=20_000, seed=seed)}[method]()
         if hasattr(model, "fit_normalizer"):
-            model.fit_normalizer(torch.cat([model.features(ws.map(lambda t: t.float())) for ws, _ in train]))
+            model.fit_normalizer(torch.cat([model.features(ws) for ws, _ in train]))
         lr = 1e-3 if method != "flat-mlp" else 3e-4
         model = _fit_module(model, train, val, epochs, lr, 16, seed)
         pred = _predict_module(model, test)
@@ -185,7 +185,7 @@ def markdown(rows, ood, args) -> str:
         lines.append(f"| {zoo} | {cutoff}% | {method} | {tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} | "
                      f"{l1[0]:.4f} | {sel[0]['params']:,} | {statistics.mean(r['train_seconds'] for r in sel):.0f} | "
                      f"{sel[0]['n_train']}/{sel[0]['n_test']} |")
-    if getattr(args, "combine", None):
+    if args.combine:
         lines += ["", f"Rows merged from the runs {', '.join(args.combine)} (same zoos, splits and seeds; baseline "
                       "rows may come from an earlier run than ours when only ours changed)."]
     empty = [c for c in args.cutoffs if c not in {r["cutoff"] for r in rows}]

@@ -246,10 +246,10 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
                  exp_avg_sq: WeightSpace, step: int, lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float, correction_scale: float = 1.0) -> tuple[Tensors, Tensors, Tensors]:
     """One update of the block tensors in canonical layout: (new weights, new first and second moments).
-    ``correction_scale`` multiplies the learned correction (the optimizer's fade).
 
     Pure and differentiable in ``learned``'s parameters: `NFNOptimizer.step` and meta-training share it.
     The moment weight spaces carry zeros for the outer tensors (whose moments live elsewhere).
+    ``correction_scale`` multiplies the learned correction (the optimizer's fade).
     """
     beta1, beta2 = betas
     names = [n for n in BLOCK_AXES if n in weights]
