@@ -21,6 +21,7 @@ from .extract import extract_weights
 from .group import SymmetryGroup
 from .metrics import regression_report
 from .nn import TransformerNFN
+from .nn.normalize import log_scale_features
 from .weight_space import WeightSpace
 
 FORMAT = "nfn-plugins-accuracy-predictor/1"
@@ -38,6 +39,7 @@ class PredictorConfig:
     head_hidden: int = 64
     head_layers: int = 2  # hidden layers of the head; with 1, ~300 zoo members left it undertrained after 20 epochs
     feature_limit: float | None = 10.0  # see TransformerNFN: collapsed zoo members gave logits of ~1e3 without it
+    scale_head_layers: int = 2  # a head on the log-scales alone, corrected by the NFN's (see TransformerNFN)
 
 
 @dataclass
@@ -76,6 +78,17 @@ def as_groups(data) -> list[Group]:
     return groups
 
 
+def _checked_log_scales(ws: WeightSpace, chunk: int = 256) -> torch.Tensor:
+    """`log_scale_features` of training weights [N] (in float32, as trained); refuses non-finite weights."""
+    x = torch.cat([log_scale_features(ws.map(lambda t: t[i : i + chunk].float()).unsqueeze(1))
+                   for i in range(0, ws.batch_shape[0], chunk)])
+    bad = (~torch.isfinite(x).all(1)).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"non-finite weight norms for training items {bad} of architecture "
+                                 f"{ws.spec.family} (check those weights for inf/NaN or overflow)")
+    return x
+
+
 class AccuracyPredictor(nn.Module):
     """Predicts accuracy in [0, 1] from weights; one instance handles any width, depth and supported family."""
 
@@ -86,7 +99,7 @@ class AccuracyPredictor(nn.Module):
         self.nfn = TransformerNFN(in_channels=1, channels=c.channels, n_layers=c.n_layers, hidden=c.hidden,
                                   product_channels=c.product_channels, invariant_dim=c.invariant_dim,
                                   head_hidden=c.head_hidden, out_dim=1, feature_limit=c.feature_limit,
-                                  head_layers=c.head_layers)
+                                  head_layers=c.head_layers, scale_head_layers=c.scale_head_layers)
         self.meta: dict = {}
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
@@ -134,10 +147,15 @@ class AccuracyPredictor(nn.Module):
         With an `accelerate.Accelerator` (e.g. under ``accelerate launch``), each process takes every
         world_size-th mini-batch and gradients are averaged (the NFN leaves parameters unused for tensors a
         family lacks: create the Accelerator with ``DistributedDataParallelKwargs(find_unused_parameters=True)``).
+
+        The first fit of a predictor with a scale head sets its log-scale standardiser from ``train``; later
+        fits keep it, so that training can continue where it stopped.
         """
         cfg = config or FitConfig()
         groups = as_groups(train)
         val_groups = as_groups(val) if val is not None else None
+        if self.nfn.scale_norm is not None and not self.nfn.scale_norm.fitted:
+            self.nfn.scale_norm.fit(torch.cat([_checked_log_scales(ws) for ws, _ in groups]))
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         opt = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -207,6 +225,7 @@ class AccuracyPredictor(nn.Module):
         # saved before these options existed: load them unchanged (no limit, one hidden layer in the head)
         config.setdefault("feature_limit", None)
         config.setdefault("head_layers", 1)
+        config.setdefault("scale_head_layers", 0)
         model = cls(PredictorConfig(**config))
         model.load_state_dict(state)
         model.meta = meta

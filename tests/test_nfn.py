@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from model_factories import FACTORIES, build, extra_axes
 from nfn_plugins import SymmetryGroup, WeightSpace, extract_weights
@@ -32,11 +33,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def _nfn_with_scale_head() -> TransformerNFN:
+    """A TransformerNFN with a scale head whose every part matters: the main head's last layer (zero at
+    initialisation) and the standardiser (identity until fitted) get random values."""
+    nfn = TransformerNFN(in_channels=2, channels=6, hidden=16, product_channels=3, scale_head_layers=2).double()
+    with torch.no_grad():
+        nn.init.normal_(nfn.head[-1].weight)
+        nn.init.normal_(nfn.head[-1].bias)
+        nfn.scale_norm.mean.normal_()
+        nfn.scale_norm.std.uniform_(0.5, 2.0)
+    return nfn
+
+
 @pytest.fixture(scope="module")
 def nets():
     torch.manual_seed(0)
     return {
         "nfn": TransformerNFN(in_channels=2, channels=6, hidden=16, product_channels=3).double(),
+        "nfn_scale_head": _nfn_with_scale_head(),
         "encoder": TransformerNFNEncoder(in_channels=2, channels=6, hidden=16, product_channels=3).double(),
         "layer": EquivariantLayer(2, 3, hidden=8, product_channels=2).double(),
     }
@@ -50,6 +64,7 @@ def test_invariant_and_equivariant_under_nfn_group(name, nets):
         g = group.sample(torch.Generator().manual_seed(seed), unit_scales=False)
         moved = g.act(ws)
         assert _rel(nets["nfn"](moved), nets["nfn"](ws)) < TOL
+        assert _rel(nets["nfn_scale_head"](moved), nets["nfn_scale_head"](ws)) < TOL
         assert _max_rel(nets["encoder"](moved), g.act(nets["encoder"](ws))) < TOL
         # one layer on the full weight space (embedding tables included, not summarised)
         layer = nets["layer"]
@@ -58,27 +73,29 @@ def test_invariant_and_equivariant_under_nfn_group(name, nets):
         assert _max_rel(relu(layer(moved)), g.act(relu(layer(ws)))) < TOL
 
 
+@pytest.mark.parametrize("net", ["nfn", "nfn_scale_head"])
 @pytest.mark.parametrize("name", ["bert", "llama_tied"])
-def test_breaking_a_symmetry_changes_the_output(name, nets):
+def test_breaking_a_symmetry_changes_the_output(name, net, nets):
     """The invariance tests can fail: transformations outside the group move the output."""
     ws = _batch(name)
+    nfn = nets[net]
     group = SymmetryGroup(ws.spec)
     g = group.sample(torch.Generator().manual_seed(3), unit_scales=False)
-    base = nets["nfn"](ws)
+    base = nfn(ws)
     # A on q without A^-T on k
     broken = dict(ws.tensors)
     broken["q"] = torch.einsum("bclhia,lhaj->bclhij", ws["q"], g.qk.repeat_interleave(ws.spec.group_size, 1))
-    assert _rel(nets["nfn"](WeightSpace(ws.spec, broken)), base) > 1e-3
+    assert _rel(nfn(WeightSpace(ws.spec, broken)), base) > 1e-3
     # query heads permuted but k, v, o left in place
     broken = dict(ws.tensors)
     broken["q"] = ws["q"].flip(3)
-    assert _rel(nets["nfn"](WeightSpace(ws.spec, broken)), base) > 1e-3
+    assert _rel(nfn(WeightSpace(ws.spec, broken)), base) > 1e-3
     # stream permuted in the blocks only
     e = group.identity()
     only_blocks = dataclasses.replace(e, stream_perm=g.stream_perm)
     moved = only_blocks.act(ws)
     moved = WeightSpace(ws.spec, {k: moved[k] if ws.spec[k].block else ws[k] for k in ws})
-    assert _rel(nets["nfn"](moved), base) > 1e-3
+    assert _rel(nfn(moved), base) > 1e-3
 
 
 def test_unit_scalings_are_not_built_in(nets):
@@ -250,3 +267,37 @@ def test_dtype_mismatch_is_an_error_for_one_input_channel_too():
     nfn = TransformerNFN(in_channels=1, channels=3, hidden=8, product_channels=2).double()
     with pytest.raises((TypeError, RuntimeError), match="(?i)float"):
         nfn(ws)
+
+
+def test_scale_head_starts_from_the_norms_and_the_nfn_corrects_it():
+    """At initialisation the output is the scale head's on the standardised log-scales (the main head's last
+    layer is zero); the main head's last layer gets gradients, so the NFN's features can correct it."""
+    from nfn_plugins.nn.normalize import log_scale_features
+
+    ws = _batch("bert")
+    torch.manual_seed(0)
+    nfn = TransformerNFN(in_channels=2, channels=4, scale_head_layers=2).double()
+    nfn.scale_norm.fit(log_scale_features(_batch("bert", seed=1, b=8)))
+    expected = nfn.scale_head(nfn.scale_norm(log_scale_features(ws)))
+    out = nfn(ws)
+    assert torch.equal(out, expected)
+    out.square().sum().backward()
+    assert nfn.head[-1].weight.grad.abs().max() > 0
+
+
+def test_shared_scale_standardiser_keeps_the_features_relative_sizes():
+    """Log-scales share one unit: a slot that barely varies (sampling noise) must not be blown up to the size
+    of one that carries the signal, as per-feature standardisation would do."""
+    from nfn_plugins.nn.head import Standardizer
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 0.01, 0.0], dtype=torch.float64)
+    per_feature, shared = Standardizer(3).double(), Standardizer(3, shared_scale=True).double()
+    assert not shared.fitted
+    per_feature.fit(x)
+    shared.fit(x)
+    assert shared.fitted
+    sd_per, sd_shared = per_feature(x).std(0, correction=0), shared(x).std(0, correction=0)
+    assert abs(sd_per[1] - 1) < 1e-6  # per feature: noise as large as signal
+    assert abs(sd_shared[1] / sd_shared[0] - x[:, 1].std() / x[:, 0].std()) < 1e-9
+    assert torch.allclose(shared(x).mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-12)

@@ -38,6 +38,8 @@ def test_fit_learns_an_invariant_target():
 
 def test_prediction_is_invariant_and_width_agnostic():
     model = AccuracyPredictor(SMALL).double()
+    with torch.no_grad():  # zero at initialisation (see TransformerNFN): without this the NFN path is not tested
+        torch.nn.init.normal_(model.nfn.head[-1].weight)
     for d in (16, 24):
         ws, _ = _synthetic(3, d, 2)
         ws = ws.double()
@@ -66,6 +68,22 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.meta["trained_on"] == "synthetic"
     with pytest.raises(FileNotFoundError, match="shipped"):
         AccuracyPredictor.from_pretrained("no-such-predictor")
+
+
+def test_first_fit_sets_the_scale_standardiser_and_later_fits_keep_it(tmp_path):
+    train, other = _synthetic(32, 16, 0), _synthetic(32, 16, 3)
+    model = AccuracyPredictor(SMALL)
+    cfg = FitConfig(epochs=1, batch_size=16)
+    model.fit(train, config=cfg, progress=False)
+    norm = model.nfn.scale_norm
+    fitted = norm.mean.clone(), norm.std.clone()
+    assert norm.fitted and torch.isfinite(fitted[0]).all()
+    model.fit((other[0].map(lambda t: 3 * t), other[1]), config=cfg, progress=False)  # other norms: kept
+    assert torch.equal(norm.mean, fitted[0]) and torch.equal(norm.std, fitted[1])
+    model.save_pretrained(tmp_path / "p")
+    loaded = AccuracyPredictor.from_pretrained(tmp_path / "p")
+    assert torch.equal(loaded.nfn.scale_norm.mean, fitted[0])
+    assert torch.equal(loaded.predict(train[0]), model.predict(train[0]))
 
 
 def test_bad_training_data_is_refused():
@@ -125,16 +143,16 @@ def test_fit_ends_with_the_best_validation_epoch():
 
 
 def test_predictors_saved_before_newer_options_load_unchanged(tmp_path):
-    """A config without `feature_limit` and `head_layers` (older files) loads as saved: no clip, one head layer."""
+    """A config without the newer options (older files) loads as saved: no clip, one head layer, no scale head."""
     import json
 
-    old = replace(SMALL, feature_limit=None, head_layers=1)
+    old = replace(SMALL, feature_limit=None, head_layers=1, scale_head_layers=0)
     torch.manual_seed(0)
     model = AccuracyPredictor(old)
     model.save_pretrained(tmp_path / "p")
     path = tmp_path / "p" / "config.json"
     saved = json.loads(path.read_text())
-    del saved["config"]["feature_limit"], saved["config"]["head_layers"]
+    del saved["config"]["feature_limit"], saved["config"]["head_layers"], saved["config"]["scale_head_layers"]
     path.write_text(json.dumps(saved))
     loaded = AccuracyPredictor.from_pretrained(tmp_path / "p")
     assert loaded.config == old

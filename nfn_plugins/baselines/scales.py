@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..nn.features import summarize_outer
-from ..nn.normalize import SCALE_SLOTS, normalize_scales
+from ..nn.normalize import SCALE_SLOTS, log_scale_features
 from ..weight_space import WeightSpace
 from .statnn import FeatureMLP
 
@@ -26,4 +25,4 @@ class ScaleMLP(FeatureMLP):
 
     def features(self, ws: WeightSpace) -> torch.Tensor:
         """ws with batch dims [B] -> [B, len(SCALE_SLOTS)] (invariant under the NFN's group)."""
-        return self._checked(normalize_scales(summarize_outer(ws.unsqueeze(1)))[1].flatten(1))
+        return self._checked(log_scale_features(ws.unsqueeze(1)))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn.head import mlp
+from ..nn.head import Standardizer, mlp
 from ..spec import WeightSpaceSpec
 from ..weight_space import WeightSpace
 
@@ -123,26 +123,6 @@ def statnn_features(ws: WeightSpace, per_block: bool = True, tensors: Sequence[s
             feats.append(tensor_statistics(x.reshape(N, -1)))
     out = torch.cat(feats, dim=-1)  # [N, F]
     return out.reshape(B, -1)
-
-
-class Standardizer(nn.Module):
-    """Feature-wise (x - mean) / std with buffers; identity until `fit` is called. Features of raw
-    weights differ in scale by orders of magnitude (variances vs. extremes), so MLP baselines need this."""
-
-    def __init__(self, n_features: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(n_features))
-        self.register_buffer("std", torch.ones(n_features))
-
-    @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> None:
-        x = x.to(self.mean.dtype)
-        std = x.std(0, correction=0) if x.shape[0] > 1 else torch.ones_like(self.std)
-        self.mean.copy_(x.mean(0))
-        self.std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 class FeatureMLP(nn.Module):

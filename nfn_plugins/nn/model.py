@@ -7,7 +7,7 @@ from torch import nn
 
 from ..weight_space import WeightSpace
 from .features import soft_clip, summarize_outer
-from .head import mlp
+from .head import Standardizer, mlp
 from .layers import EquivariantLayer, EquivariantReLU, InvariantLayer
 from .normalize import SCALE_SLOTS, normalize_scales
 
@@ -46,23 +46,42 @@ class TransformerNFN(nn.Module):
     features are soft-clipped there (identity below; elementwise, so they stay invariant). Degenerate
     checkpoints (dead attention or norm gains) are inflated by the rescaling to features of ~1e3, where
     trained networks give < 50, and would dominate training of the head.
+
+    ``scale_head_layers`` > 0 adds a second head that reads only the standardised log-scales; the main head
+    starts at zero and learns a correction from the equivariant features. Weight norms alone predict a zoo
+    member's accuracy well (they record learning rate, decay and initialisation), and when both kinds of
+    features entered one head it did worse than a head on norms alone (benchmarks/results/predictor.md).
+    Fit ``scale_norm`` to the training data's `log_scale_features` before training (`AccuracyPredictor.fit` does).
     """
 
     def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
                  product_channels: int = 4, invariant_dim: int = 32, head_hidden: int = 64, out_dim: int = 1,
-                 feature_limit: float | None = None, head_layers: int = 1):
+                 feature_limit: float | None = None, head_layers: int = 1, scale_head_layers: int = 0):
         super().__init__()
         self.feature_limit = feature_limit
         self.encoder = TransformerNFNEncoder(in_channels, channels, n_layers, hidden, product_channels)
         self.pool = InvariantLayer(channels, invariant_dim)
-        self.feature_dim = self.pool.out_dim + in_channels * len(SCALE_SLOTS)
+        n_scales = in_channels * len(SCALE_SLOTS)
+        self.feature_dim = self.pool.out_dim + n_scales
         self.head = mlp(self.feature_dim, [head_hidden] * head_layers, out_dim)
+        self.scale_norm = Standardizer(n_scales, shared_scale=True) if scale_head_layers else None
+        self.scale_head = mlp(n_scales, [head_hidden] * scale_head_layers, out_dim) if scale_head_layers else None
+        if scale_head_layers:
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def features(self, ws: WeightSpace) -> torch.Tensor:
-        """[B, feature_dim] invariant features: pooled NFN output and the inputs' log-scales."""
+        """[B, feature_dim] invariant features: pooled NFN output and the inputs' log-scales (last columns)."""
         ws, log_scales = normalize_scales(summarize_outer(ws))
-        features = torch.cat([self.pool(self.encoder(ws)), log_scales.flatten(1)], -1)
+        log_scales = log_scales.flatten(1)
+        if self.scale_norm is not None:
+            log_scales = self.scale_norm(log_scales)
+        features = torch.cat([self.pool(self.encoder(ws)), log_scales], -1)
         return features if self.feature_limit is None else soft_clip(features, self.feature_limit)
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
-        return self.head(self.features(ws))
+        features = self.features(ws)
+        out = self.head(features)
+        if self.scale_head is not None:
+            out = out + self.scale_head(features[:, self.pool.out_dim :])
+        return out

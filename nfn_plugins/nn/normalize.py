@@ -13,7 +13,7 @@ import torch
 
 from ..spec import BLOCK_AXES
 from ..weight_space import WeightSpace
-from .features import expand_kv, outer_kind, product_sq_norm
+from .features import expand_kv, outer_kind, product_sq_norm, summarize_outer
 
 QK_GROUP = ("q", "k", "q_bias", "k_bias")
 VO_GROUP = ("v", "o", "v_bias")
@@ -53,3 +53,8 @@ def normalize_scales(ws: WeightSpace) -> tuple[WeightSpace, torch.Tensor]:
         scales[kind] = torch.stack(values).mean(0)
     logs = torch.stack([scales[k].log() if k in scales else zero for k in SCALE_SLOTS], -1)
     return WeightSpace(ws.spec, out), logs
+
+
+def log_scale_features(ws: WeightSpace) -> torch.Tensor:
+    """ws [B, C] -> [B, C * len(SCALE_SLOTS)]: the invariant log-scales of the NFN's (summarised) input."""
+    return normalize_scales(summarize_outer(ws))[1].flatten(1)
