@@ -33,7 +33,7 @@ def test_fit_learns_an_invariant_target():
     before = model.evaluate(val)["kendall_tau"]
     history = model.fit(train, val, FitConfig(epochs=12, batch_size=16, lr=3e-3), progress=False)
     assert history[-1]["train_bce"] < history[0]["train_bce"]
-    assert model.evaluate(val)["kendall_tau"] > 0.6 > before
+    assert model.evaluate(val)["kendall_tau"] > 0.8 > before  # 0.55 with per-feature scaled log-norms
 
 
 def test_prediction_is_invariant_and_width_agnostic():
