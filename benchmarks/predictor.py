@@ -176,7 +176,7 @@ def markdown(rows, ood, args) -> str:
              f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
              f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (each keeps "
              "its best validation-tau epoch; ours trains with lr 3e-3 and a cosine schedule (`FitConfig`'s defaults), "
-             f"{'no' if getattr(args, 'no_augment', False) else 'group'} augmentation and gradient-norm clipping at 1.0; "
+             f"{'no' if args.no_augment else 'group'} augmentation and gradient-norm clipping at 1.0; "
              "a head on the standardised log-norms plus a "
              "zero-initialised head on the NFN's features, each with 2 hidden layers).",
              "", f"![predicted vs true]({args.name}_scatter.png)", "",

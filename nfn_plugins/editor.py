@@ -5,9 +5,9 @@ rescaled to each tensor's magnitude and bounded. Uses: train an editor to move m
 (or any target), then apply it to new models in place or as a LoRA adapter that can be switched off.
 
 Symmetry: ``delta(g.W) = g.delta(W)`` for stream permutations, GQA-aware head permutations, per-head GL maps
-on Q/K and on V/O and MLP-unit permutations (the group the NFN layers build in). MLP-unit scalings and the
-stream sign flips of RMSNorm models are symmetries of the model that the edit does not respect. So symmetric
-copies of a model are edited into symmetric copies: the edited models compute the same function.
+on Q/K and on V/O and MLP-unit permutations (the group the NFN layers build in). Under this group, symmetric
+copies of a model are edited into symmetric copies: the edited models compute the same function. MLP-unit
+scalings and the stream sign flips of RMSNorm models are symmetries of the model that the edit does not respect.
 
 Only the block tensors (q, k, v, o, the MLP matrices, their biases and the block norms) are edited: the
 encoder summarises embeddings, task heads and outer norms, so it has no per-entry output for them.
@@ -25,6 +25,7 @@ Usage::
 
     editor = WeightEditor()  # the identity edit until trained: the per-tensor gains start at 0
     opt = torch.optim.Adam(editor.parameters(), lr=1e-2)
+    model.requires_grad_(False)  # only the editor learns
     for batch in batches:  # a loss of the edited model; the model itself is not modified
         loss = torch.func.functional_call(model, editor.edited_parameters(model), kwargs=batch).loss
         opt.zero_grad(); loss.backward(); opt.step()
@@ -39,17 +40,23 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import checkpoints
 from .extract import Binding, ExtraAxes, bind
+from .integrations.peft import tuner_kind
+from .params import root_model
 from .nn.features import expand_kv, group_mean, summarize_outer
 from .nn.model import TransformerNFNEncoder
 from .nn.normalize import SCALE_SLOTS, normalize_scales
 from .spec import BLOCK_AXES, REQUIRED_BLOCK_TENSORS
 from .weight_space import WeightSpace
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 FORMAT = "nfn-plugins-weight-editor/1"
 MATRICES = ("q", "k", "v", "o", "up", "gate", "down")  # the block tensors a LoRA adapter can hold
@@ -118,7 +125,8 @@ def _bounded(x: torch.Tensor, sq_measure: torch.Tensor, sq_ref: torch.Tensor, li
 
     The factor tanh(z)/z is an invariant scalar per block (or head), so the bound keeps equivariance, and it is
     ~1 for small deltas: those pass unchanged."""
-    z = (sq_measure + TINY).sqrt() / (limit * sq_ref.sqrt() + TINY)
+    # the traces can round below zero in float32 (a dead head: q k^T ~ 0 while q, k are not)
+    z = (sq_measure.clamp_min(0) + TINY).sqrt() / (limit * sq_ref.clamp_min(0).sqrt() + TINY)
     factor = (torch.tanh(z) / z).to(x.dtype)
     return x * factor.reshape(factor.shape + (1,) * (x.dim() - factor.dim()))
 
@@ -136,9 +144,10 @@ class WeightEditor(nn.Module):
         super().__init__()
         targets = tuple(BLOCK_AXES) if targets is None else tuple(targets)
         unknown = sorted(set(targets) - set(BLOCK_AXES))
-        if unknown or not targets:
-            raise ValueError(f"targets must be a non-empty subset of the block tensors {tuple(BLOCK_AXES)}; "
-                             f"got unknown {unknown}")
+        if not targets:
+            raise ValueError(f"targets is empty: give some of the block tensors {tuple(BLOCK_AXES)} (None: all)")
+        if unknown:
+            raise ValueError(f"targets must be block tensors {tuple(BLOCK_AXES)}; unknown: {unknown}")
         if not max_rel > 0:
             raise ValueError(f"max_rel must be positive, got {max_rel}")
         self.config = dict(channels=channels, n_layers=n_layers, hidden=hidden, product_channels=product_channels,
@@ -156,9 +165,7 @@ class WeightEditor(nn.Module):
         if missing or len(ws.batch_shape) > 1:
             raise ValueError(f"expected the weight space of one model (unbatched) or of a batch [B] with the block "
                              f"tensors {REQUIRED_BLOCK_TENSORS}; got batch shape {ws.batch_shape}, missing {missing}")
-        dtype = self.gain.dtype
-        x = ws.to(dtype) if ws.dtype != dtype else ws
-        x = x.as_features()  # [B, 1]; unbatched -> [1, 1]
+        x = ws.to(self.gain.device, self.gain.dtype).as_features()  # [B, 1]; unbatched -> [1, 1]
         normalized, log_scales = normalize_scales(summarize_outer(x))
         out = self.encoder(normalized)
         measures = _sq_measures(x)
@@ -172,14 +179,19 @@ class WeightEditor(nn.Module):
                 d = gains[list(BLOCK_AXES).index(t.name)] * _bounded(raw, sq_measure(raw), sq_ref, self.max_rel)
             else:
                 d = torch.zeros_like(x[t.name])
-            delta[t.name] = d[:, 0].reshape(ws[t.name].shape).to(ws[t.name].dtype)
+            delta[t.name] = d[:, 0].reshape(ws[t.name].shape).to(ws[t.name])  # its dtype and device
         return WeightSpace(ws.spec, delta)
 
     # -- applying edits to models ------------------------------------------------------------------
     def edited_parameters(self, model: nn.Module, extra_axes: ExtraAxes | None = None) -> dict[str, torch.Tensor]:
         """The edited block parameters, differentiable in the editor's parameters, by the model's parameter names
-        (of the plain model inside any wrapper): train with ``torch.func.functional_call(model, params, ...)``.
+        of a plain model (wrapped or adapter-holding models are refused): train with
+        ``torch.func.functional_call(model, params, ...)``; freeze the model (``requires_grad_(False)``) so
+        that only the editor collects gradients.
         ``extra_axes``: as for `extract_weights`, for parameters outside the blocks that no family rule knows."""
+        if root_model(model) is not model or any(tuner_kind(m) for m in model.modules()):
+            raise ValueError("edited_parameters needs the plain model (no DDP/compile/PEFT wrapper, no adapter "
+                             "layers): its names are the plain model's, for functional_call on that model")
         binding = bind(model, extra_axes)
         ws = binding.read()
         delta = self(ws)
@@ -197,7 +209,7 @@ class WeightEditor(nn.Module):
         return delta
 
     def as_peft_adapter(self, model: nn.Module, adapter_name: str = "nfn_edit", rank: int | None = None,
-                        extra_axes: ExtraAxes | None = None):
+                        extra_axes: ExtraAxes | None = None) -> "PeftModel":
         """A ``peft.PeftModel`` whose LoRA adapter ``adapter_name`` holds the delta of every edited block matrix.
 
         ``rank=None``: exact (each delta is factored by its SVD at full rank). An int: truncated SVD, an
@@ -249,7 +261,7 @@ class WeightEditor(nn.Module):
         editor = cls(**config)
         editor.load_state_dict(state)
         editor.meta = meta
-        return editor
+        return editor.eval()
 
 
 def _lora_deltas(binding: Binding, delta: WeightSpace) -> dict[str, torch.Tensor]:
@@ -265,9 +277,10 @@ def _lora_deltas(binding: Binding, delta: WeightSpace) -> dict[str, torch.Tensor
         raise ValueError(f"{binding.spec.family}: {fused} are not separate nn.Linear matrices; as_peft_adapter "
                          "supports families with one nn.Linear per matrix (bert, vit, llama); use edit() instead")
     if not block:
-        raise ValueError("the edit is zero (an untrained editor): there is nothing to put in an adapter")
+        raise ValueError("the edit is zero (an untrained editor, or none of its targets are in this model): "
+                         "there is nothing to put in an adapter")
     params = binding.to_parameters({n: delta[n] for n in delta if delta.spec[n].block}, blocks_only=True)
-    return {h.module_path: value for h, value in params if value.dim() == 2 and bool(value.ne(0).any())}
+    return {h.module_path: value for h, value in params if bool(value.ne(0).any())}
 
 
 def _lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -230,6 +230,9 @@ def test_training_through_functional_call_lowers_the_loss_of_the_edited_model():
         functional = torch.func.functional_call(model, editor.edited_parameters(model), kwargs=batch).logits
     editor.edit(model)
     assert rel_err(model_output(model, batch), functional) < 1e-12
+    adapted = _editor(3, targets=MATRICES).as_peft_adapter(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="needs the plain model"):  # its names would not match the wrapped model's
+        editor.edited_parameters(adapted)
 
 
 # -- persistence and errors ----------------------------------------------------------------------------------
@@ -261,7 +264,9 @@ def test_bad_inputs_give_clear_errors():
     outer = ws.spec.with_tensors(tuple(t for t in ws.spec.tensors if not t.block))
     with pytest.raises(ValueError, match=r"missing \['q', 'k', 'v', 'o', 'up', 'down'\]"):
         editor(WeightSpace(outer, {t.name: ws[t.name] for t in outer.tensors}))
-    with pytest.raises(ValueError, match="targets must be a non-empty subset"):
+    with pytest.raises(ValueError, match=r"unknown: \['embeddings'\]"):
         WeightEditor(targets=("q", "embeddings"))
+    with pytest.raises(ValueError, match="targets is empty"):
+        WeightEditor(targets=())
     with pytest.raises(ValueError, match="rank must be a positive int"):
         editor.as_peft_adapter(build("bert")[0], rank=0)

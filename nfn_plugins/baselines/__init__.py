@@ -9,13 +9,13 @@
 - `FlatMLP`: the flattened weights (optionally a fixed random subset) into an MLP.
 """
 
+from ..nn.head import Standardizer
 from .flat import FlatMLP
 from .paper_nfn import PaperEquivariantLayer, PaperInvariantLayer, PaperTransformerNFN
 from .scales import ScaleMLP
 from .statnn import (
     STATISTICS,
     StatNN,
-    Standardizer,
     fit_gbt,
     gl_invariant_products,
     make_gbt,

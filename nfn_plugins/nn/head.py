@@ -22,9 +22,10 @@ def mlp(n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0) -> n
 
 
 class Standardizer(nn.Module):
-    """Feature-wise (x - mean) / std with buffers; identity until `fit` is called. Features of weights
-    differ in scale by orders of magnitude (variances vs. extremes, log-norms of different tensors), and an
-    MLP trains badly on such inputs."""
+    """Feature-wise (x - mean) / std with buffers; identity until `fit` is called. Features of weights differ
+    in scale by orders of magnitude (variances vs. extremes), and an MLP trains badly on such inputs.
+    ``shared_scale``: one std for all features (the RMS of theirs), for features in one unit whose relative
+    sizes matter (log-norms: one that barely varies is sampling noise, not a signal to amplify)."""
 
     def __init__(self, n_features: int, shared_scale: bool = False):
         super().__init__()
@@ -34,6 +35,7 @@ class Standardizer(nn.Module):
 
     @property
     def fitted(self) -> bool:
+        """Read off the buffers (so saved files need no flag): False only while they are exactly the identity."""
         return bool((self.mean != 0).any() or (self.std != 1).any())
 
     @torch.no_grad()

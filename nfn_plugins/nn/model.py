@@ -48,11 +48,11 @@ class TransformerNFN(nn.Module):
     trained networks give < 50, and would dominate training of the head.
 
     ``scale_head_layers`` > 0 adds a second head that reads only the standardised log-scales; the main head
-    starts at zero and learns a correction from the equivariant features. Weight norms alone predict a zoo
-    member's accuracy well (they record learning rate, decay and initialisation); with both kinds of features
-    in one head, Kendall tau trailed an MLP on the norms alone (0.64 vs 0.66 on the mnist-paper zoo, 0.71 vs
-    0.74 on mnist-vit); this way it is 0.66 and 0.75. The log-norms share one standardisation scale (they
-    share a unit): per-feature scaling would blow up norms that barely vary to the size of informative ones.
+    (pooled features and the same log-scales) starts at zero and learns a correction. Weight norms alone
+    predict a zoo member's accuracy well (they record learning rate, decay and initialisation), and with one
+    head on both kinds of features ours trailed an MLP on the norms alone (README, adapter 3). The log-norms
+    share one standardisation scale (they share a unit): per-feature scaling would blow up norms that barely
+    vary to the size of informative ones.
     Fit ``scale_norm`` to the training data's `log_scale_features` before training (`AccuracyPredictor.fit` does).
     """
 
@@ -66,14 +66,17 @@ class TransformerNFN(nn.Module):
         n_scales = in_channels * len(SCALE_SLOTS)
         self.feature_dim = self.pool.out_dim + n_scales
         self.head = mlp(self.feature_dim, [head_hidden] * head_layers, out_dim)
-        self.scale_norm = Standardizer(n_scales, shared_scale=True) if scale_head_layers else None
-        self.scale_head = mlp(n_scales, [head_hidden] * scale_head_layers, out_dim) if scale_head_layers else None
+        self.scale_norm: Standardizer | None = None
+        self.scale_head: nn.Sequential | None = None
         if scale_head_layers:
+            self.scale_norm = Standardizer(n_scales, shared_scale=True)
+            self.scale_head = mlp(n_scales, [head_hidden] * scale_head_layers, out_dim)
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
     def features(self, ws: WeightSpace) -> torch.Tensor:
-        """[B, feature_dim] invariant features: pooled NFN output and the inputs' log-scales (last columns)."""
+        """[B, feature_dim] invariant features: pooled NFN output and the inputs' log-scales (last columns;
+        standardised when there is a scale head)."""
         ws, log_scales = normalize_scales(summarize_outer(ws))
         log_scales = log_scales.flatten(1)
         if self.scale_norm is not None:
