@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,3 +48,39 @@ def load(name_or_dir: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dic
     if cfg.get("format") != fmt:
         raise ValueError(f"{d / 'config.json'} is not an nfn-plugins {what} (format {cfg.get('format')!r}, expected {fmt!r})")
     return cfg["config"], cfg.get("meta", {}), load_file(str(d / "model.safetensors"))
+
+
+class Pretrained:
+    """`save_pretrained` / `from_pretrained` / `available` for a module built from a JSON-able ``config``.
+
+    Subclasses set ``FORMAT`` (written into and checked against config.json) and ``WHAT`` (for errors), keep
+    ``config`` (a dict or a dataclass) and ``meta``, and override `_from_config` to read older configs.
+    """
+
+    FORMAT: str
+    WHAT: str
+    config: Any
+    meta: dict
+
+    @classmethod
+    def _from_config(cls, config: dict):
+        return cls(**config)
+
+    def save_pretrained(self, directory: str | os.PathLike, **meta) -> None:
+        """safetensors weights (float32) + JSON config and metadata (the model's, updated by ``meta``)."""
+        config = asdict(self.config) if is_dataclass(self.config) else dict(self.config)
+        save(directory, self.state_dict(), self.FORMAT, config, {**self.meta, **meta})
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike):
+        """From a directory, or by the name of one shipped with the package (see `available`); in eval mode."""
+        config, meta, state = load(name_or_dir, cls.FORMAT, cls.WHAT)
+        model = cls._from_config(config)
+        model.load_state_dict(state)
+        model.meta = meta
+        return model.eval()
+
+    @classmethod
+    def available(cls) -> list[str]:
+        """Names of the checkpoints of this kind shipped with the package."""
+        return available(cls.FORMAT)

@@ -36,7 +36,6 @@ Usage::
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -58,7 +57,6 @@ from .weight_space import WeightSpace
 if TYPE_CHECKING:
     from peft import PeftModel
 
-FORMAT = "nfn-plugins-weight-editor/1"
 MATRICES = ("q", "k", "v", "o", "up", "gate", "down")  # the block tensors a LoRA adapter can hold
 TINY = 1e-30  # keeps the bound smooth and finite at zero deltas and degenerate (all-zero) weights
 
@@ -131,13 +129,16 @@ def _bounded(x: torch.Tensor, sq_measure: torch.Tensor, sq_ref: torch.Tensor, li
     return x * factor.reshape(factor.shape + (1,) * (x.dim() - factor.dim()))
 
 
-class WeightEditor(nn.Module):
+class WeightEditor(checkpoints.Pretrained, nn.Module):
     """Weights -> a symmetry-consistent, bounded delta of the block weights (see the module docstring).
 
     ``max_rel``: the bound on each delta relative to its tensor. ``targets``: the block tensors to edit (all by
     default; `MATRICES` for deltas a LoRA adapter can express); the others get zero deltas. The per-tensor gains
     start at 0, so a fresh editor is the identity edit; the gain tanh(g) in (-1, 1) keeps the bound.
     """
+
+    FORMAT = "nfn-plugins-weight-editor/1"
+    WHAT = "weight editor"
 
     def __init__(self, channels: int = 8, n_layers: int = 2, hidden: int = 16, product_channels: int = 2,
                  max_rel: float = 0.1, targets: Sequence[str] | None = None):
@@ -249,19 +250,6 @@ class WeightEditor(nn.Module):
             warnings.warn(f"rank {rank} LoRA adapter approximates the edit: largest relative truncation error "
                           f"{errors[worst]:.3g} (in {worst}); use rank=None for an exact adapter", stacklevel=2)
         return peft_model
-
-    # -- persistence ---------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, **meta) -> None:
-        """safetensors weights (float32) + JSON config, written atomically."""
-        checkpoints.save(directory, self.state_dict(), FORMAT, self.config, {**self.meta, **meta})
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str | os.PathLike) -> "WeightEditor":
-        config, meta, state = checkpoints.load(name_or_dir, FORMAT, "weight editor")
-        editor = cls(**config)
-        editor.load_state_dict(state)
-        editor.meta = meta
-        return editor.eval()
 
 
 def _lora_deltas(binding: Binding, delta: WeightSpace) -> dict[str, torch.Tensor]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 
 import torch
@@ -42,7 +41,6 @@ from .spec import BLOCK_AXES
 from .weight_space import WeightSpace
 
 logger = logging.getLogger(__name__)
-FORMAT = "nfn-plugins-learned-update/1"
 HEAD_DIM_AXIS = {"q": -1, "k": -1, "v": -1, "o": -2, "q_bias": -1, "k_bias": -1, "v_bias": -1}
 INPUTS = ("weight", "grad", "momentum", "adam_direction")
 
@@ -62,8 +60,11 @@ def head_pooled_square(name: str, g: torch.Tensor) -> torch.Tensor:
     return sq.mean(HEAD_DIM_AXIS[name], keepdim=True).expand_as(sq) if name in HEAD_DIM_AXIS else sq
 
 
-class LearnedUpdate(nn.Module):
+class LearnedUpdate(checkpoints.Pretrained, nn.Module):
     """The learned part: an equivariant NFN from 4 channels (see INPUTS) to a bounded correction."""
+
+    FORMAT = "nfn-plugins-learned-update/1"
+    WHAT = "learned optimizer"
 
     def __init__(self, channels: int = 8, n_layers: int = 2, hidden: int = 16, product_channels: int = 2,
                  max_correction: float = 1.0):
@@ -88,22 +89,6 @@ class LearnedUpdate(nn.Module):
         out = self.encoder(x)
         gains = torch.tanh(self.gain) * self.max_correction
         return {name: gains[i] * bounded(name, out[name][0, 0]) for i, name in enumerate(BLOCK_AXES) if name in out}
-
-    def save_pretrained(self, directory: str | os.PathLike, **meta) -> None:
-        checkpoints.save(directory, self.state_dict(), FORMAT, self.config, meta)
-
-    @staticmethod
-    def available() -> list[str]:
-        """Names of the learned updates shipped with the package."""
-        return checkpoints.available(FORMAT)
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str | os.PathLike) -> "LearnedUpdate":
-        config, meta, state = checkpoints.load(name_or_dir, FORMAT, "learned optimizer")
-        model = cls(**config)
-        model.load_state_dict(state)
-        model.meta = meta
-        return model
 
 
 class NFNOptimizer(torch.optim.Optimizer):

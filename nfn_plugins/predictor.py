@@ -9,9 +9,8 @@ augmentation with random group elements.
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,7 +23,6 @@ from .nn import TransformerNFN
 from .nn.normalize import log_scale_features
 from .weight_space import WeightSpace
 
-FORMAT = "nfn-plugins-accuracy-predictor/1"
 
 Group = tuple[WeightSpace, torch.Tensor]  # weight spaces [N] of one architecture, labels [N]
 
@@ -93,8 +91,11 @@ def _non_finite(what: str, items: list[int], ws: WeightSpace) -> FloatingPointEr
                               f"{ws.spec.family} architecture's data; check those weights for inf/NaN or overflow)")
 
 
-class AccuracyPredictor(nn.Module):
+class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
     """Predicts accuracy in [0, 1] from weights; one instance handles any width, depth and supported family."""
+
+    FORMAT = "nfn-plugins-accuracy-predictor/1"
+    WHAT = "accuracy predictor"
 
     def __init__(self, config: PredictorConfig | None = None):
         super().__init__()
@@ -219,23 +220,8 @@ class AccuracyPredictor(nn.Module):
         return history
 
     # -- persistence -------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, **meta) -> None:
-        """safetensors weights + JSON config (written atomically)."""
-        checkpoints.save(directory, self.state_dict(), FORMAT, asdict(self.config), {**self.meta, **meta})
-
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | os.PathLike) -> "AccuracyPredictor":
-        """Load from a directory, or by the name of a predictor shipped with the package (see `available`)."""
-        config, meta, state = checkpoints.load(name_or_dir, FORMAT, "accuracy predictor")
-        # saved before these options existed: load them unchanged (no limit, one hidden layer in the head)
-        config.setdefault("feature_limit", None)
-        config.setdefault("head_layers", 1)
-        config.setdefault("scale_head_layers", 0)
-        model = cls(PredictorConfig(**config))
-        model.load_state_dict(state)
-        model.meta = meta
-        return model.eval()
-
-    @staticmethod
-    def available() -> list[str]:
-        return checkpoints.available(FORMAT)
+    def _from_config(cls, config: dict) -> "AccuracyPredictor":
+        # saved before these options existed: load them unchanged (no limit, one hidden layer, no scale head)
+        config = {"feature_limit": None, "head_layers": 1, "scale_head_layers": 0, **config}
+        return cls(PredictorConfig(**config))

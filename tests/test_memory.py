@@ -15,19 +15,22 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory()
 for _ in range(5):  # filled (faulted in) and freed; the heap settles within a few rounds
     torch.ones(50 * 2**20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(50 * 2**20)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[len(faults) // 2])
 """
 
 
-def _faults_of_three_allocations(mode: str) -> int:
+def _median_faults_of_an_allocation(mode: str) -> int:
+    """Median over 9 allocations: now and then one still faults while the heap settles (1 run in 5 of 3)."""
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
 def test_keep_freed_memory_reuses_pages():
-    assert _faults_of_three_allocations("default") > 2 * PAGES  # the probe sees the faults the call removes
-    assert _faults_of_three_allocations("keep") < PAGES // 2
+    assert _median_faults_of_an_allocation("default") > PAGES // 2  # the probe sees the faults the call removes
+    assert _median_faults_of_an_allocation("keep") < PAGES // 10
