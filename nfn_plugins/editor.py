@@ -206,7 +206,7 @@ class WeightEditor(checkpoints.Pretrained, nn.Module):
         binding = bind(model, extra_axes)
         ws = binding.read()
         delta = self(ws)
-        binding.write(ws + delta)
+        binding.write(ws + delta, blocks_only=True)
         return delta
 
     def as_peft_adapter(self, model: nn.Module, adapter_name: str = "nfn_edit", rank: int | None = None,

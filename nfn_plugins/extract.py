@@ -108,10 +108,12 @@ class Binding:
             out += [(h, ws[name]) for name, h in self.outer.items()]
         return out
 
-    def write(self, ws: WeightSpace) -> None:
+    def write(self, ws: WeightSpace, blocks_only: bool = False) -> None:
+        """Write ``ws`` into the model's parameters (every one checked first); ``blocks_only``: leave the
+        parameters outside the blocks as they are (they may then be frozen or adapter-wrapped)."""
         if ws.spec != self.spec:
             raise ValueError(_spec_difference(ws.spec, self.spec))
-        planned = self.to_parameters(ws)
+        planned = self.to_parameters(ws, blocks_only)
         for handle, value in planned:  # validate everything before writing anything
             if value.shape != handle.param.shape or value.dtype != handle.param.dtype:
                 raise ValueError(
