@@ -185,19 +185,8 @@ class WeightEditor(checkpoints.Pretrained, nn.Module):
 
     # -- applying edits to models ------------------------------------------------------------------
     def edited_parameters(self, model: nn.Module, extra_axes: ExtraAxes | None = None) -> dict[str, torch.Tensor]:
-        """The edited block parameters, differentiable in the editor's parameters, by the model's parameter names
-        of a plain model (wrapped or adapter-holding models are refused): train with
-        ``torch.func.functional_call(model, params, ...)``; freeze the model (``requires_grad_(False)``) so
-        that only the editor collects gradients.
-        ``extra_axes``: as for `extract_weights`, for parameters outside the blocks that no family rule knows."""
-        if root_model(model) is not model or any(tuner_kind(m) for m in model.modules()):
-            raise ValueError("edited_parameters needs the plain model (no DDP/compile/PEFT wrapper, no adapter "
-                             "layers): its names are the plain model's, for functional_call on that model")
-        binding = bind(model, extra_axes)
-        ws = binding.read()
-        delta = self(ws)
-        edited = {n: ws[n] + delta[n] for n in ws if ws.spec[n].block}
-        return {h.name: value for h, value in binding.to_parameters(edited, blocks_only=True)}
+        """See the module function `edited_parameters` (which also takes a DDP-wrapped editor)."""
+        return edited_parameters(self, model, extra_axes)
 
     @torch.no_grad()
     def edit(self, model: nn.Module, extra_axes: ExtraAxes | None = None) -> WeightSpace:
@@ -250,6 +239,28 @@ class WeightEditor(checkpoints.Pretrained, nn.Module):
             warnings.warn(f"rank {rank} LoRA adapter approximates the edit: largest relative truncation error "
                           f"{errors[worst]:.3g} (in {worst}); use rank=None for an exact adapter", stacklevel=2)
         return peft_model
+
+
+def edited_parameters(editor: nn.Module, model: nn.Module, extra_axes: ExtraAxes | None = None) -> dict[str, torch.Tensor]:
+    """The edited block parameters of a plain ``model``, by its parameter names, differentiable in the editor's
+    parameters: train with ``torch.func.functional_call(model, params, ...)``, the model frozen
+    (``requires_grad_(False)``) so that only the editor collects gradients.
+
+    ``editor``: a `WeightEditor`, or one wrapped by DDP / ``accelerator.prepare`` (its forward runs, so the
+    wrapper averages the editor's gradients across processes; create the Accelerator with
+    ``DistributedDataParallelKwargs(static_graph=True)``: a family without, e.g., gate tensors leaves some of
+    the editor's parameters unused, and DDP's search for them cannot see into the WeightSpace it returns).
+    Wrapped or adapter-holding *models* are refused: the names are the plain model's. ``extra_axes``: as
+    for `extract_weights`.
+    """
+    if root_model(model) is not model or any(tuner_kind(m) for m in model.modules()):
+        raise ValueError("edited_parameters needs the plain model (no DDP/compile/PEFT wrapper, no adapter "
+                         "layers): its names are the plain model's, for functional_call on that model")
+    binding = bind(model, extra_axes)
+    ws = binding.read()
+    delta = editor(ws)
+    edited = {n: ws[n] + delta[n] for n in ws if ws.spec[n].block}
+    return {h.name: value for h, value in binding.to_parameters(edited, blocks_only=True)}
 
 
 def _lora_deltas(binding: Binding, delta: WeightSpace) -> dict[str, torch.Tensor]:
