@@ -22,10 +22,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _join(rank: int, port: int) -> None:
+    """This spawned process becomes rank ``rank`` of the 2-process group (what `accelerate launch` sets up)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+
+
+def _save_flat(module: torch.nn.Module, out_dir: str, rank: int) -> None:
+    torch.save(torch.cat([p.detach().flatten() for p in module.parameters()]), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _replicas(tmp_path, worker) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``worker`` on 2 processes; the parameters each rank saved."""
+    mp.spawn(worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    return tuple(torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    _join(rank, port)
     from accelerate import Accelerator
 
     from nfn_plugins.optim import NFNOptimizer
@@ -42,24 +57,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             acc.backward(_loss(model, make_inputs(100 * rank + step)))  # each rank its own data
             opt.step()
             opt.zero_grad()
-    flat = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])
-    torch.save(flat, os.path.join(out_dir, f"rank{rank}.pt"))
+    _save_flat(acc.unwrap_model(model), out_dir, rank)
     acc.end_training()
 
 
 def test_two_process_ddp_replicas_stay_bit_identical(tmp_path):
     torch.manual_seed(0)
     initial = torch.cat([p.detach().flatten() for p in build("bert")[0].float().parameters()])
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    r0, r1 = _replicas(tmp_path, _worker)
     assert not torch.equal(r0, initial)  # it trained
     assert torch.equal(r0, r1)  # and both replicas hold the same bits
 
 
 def _predictor_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    _join(rank, port)
     from nfn_plugins.predictor import FitConfig
     from nfn_plugins.predictor_cli import _accelerator
     from test_predictor import SMALL, AccuracyPredictor, _synthetic
@@ -68,21 +79,18 @@ def _predictor_worker(rank: int, port: int, out_dir: str) -> None:
     assert acc is not None and acc.num_processes == WORLD
     model = AccuracyPredictor(SMALL)
     model.fit(_synthetic(32, 16, 0), None, FitConfig(epochs=2, batch_size=8), accelerator=acc, progress=False)
-    torch.save(torch.cat([p.detach().flatten() for p in model.parameters()]), os.path.join(out_dir, f"rank{rank}.pt"))
+    _save_flat(model, out_dir, rank)
     acc.end_training()
 
 
 def test_predictor_fit_under_two_process_ddp(tmp_path):
     """Each process trains on its share of the mini-batches; gradients are averaged, replicas stay identical."""
-    mp.spawn(_predictor_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    r0, r1 = _replicas(tmp_path, _predictor_worker)
     assert torch.equal(r0, r1)
 
 
 def _editor_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    _join(rank, port)
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from nfn_plugins.editor import WeightEditor, edited_parameters
@@ -102,8 +110,7 @@ def _editor_worker(rank: int, port: int, out_dir: str) -> None:
         opt.zero_grad()
         acc.backward(loss)
         opt.step()
-    flat = torch.cat([p.detach().flatten() for p in acc.unwrap_model(editor).parameters()])
-    torch.save(flat, os.path.join(out_dir, f"rank{rank}.pt"))
+    _save_flat(acc.unwrap_model(editor), out_dir, rank)
     acc.end_training()
 
 
@@ -114,7 +121,6 @@ def test_editor_training_under_two_process_ddp(tmp_path):
     torch.manual_seed(0)
     build("bert")
     initial = torch.cat([p.detach().flatten() for p in WeightEditor(max_rel=0.2).parameters()])
-    mp.spawn(_editor_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    r0, r1 = _replicas(tmp_path, _editor_worker)
     assert not torch.equal(r0, initial)  # it trained
     assert torch.equal(r0, r1)  # with averaged gradients: both replicas hold the same bits
