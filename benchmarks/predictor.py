@@ -36,11 +36,12 @@ from nfn_plugins.baselines import (  # noqa: E402
     statnn_features,
 )
 from nfn_plugins.metrics import regression_report  # noqa: E402
-from nfn_plugins.predictor import AccuracyPredictor, FitConfig, as_groups  # noqa: E402
+from nfn_plugins.predictor import AccuracyPredictor, FitConfig, PredictorConfig, as_groups  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ours", "scale-mlp", "paper-nfn", "statnn", "gbt", "gbt-invariant", "flat-mlp")
+METHODS = ("ours", "ours-scale-head", "scale-mlp", "paper-nfn", "statnn", "gbt", "gbt-invariant", "flat-mlp")
+OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2)}  # the shipped config first
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -82,8 +83,8 @@ def run_method(method: str, train, val, test, seed: int, epochs: int,
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     spec = train[0][0].spec
-    if method == "ours":
-        model = AccuracyPredictor()
+    if method in OURS:
+        model = AccuracyPredictor(OURS[method])
         model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False)
         pred = torch.cat([model.predict(ws) for ws, _ in test])
         n_params = sum(p.numel() for p in model.parameters())
@@ -127,7 +128,7 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
             if not (train and val and test):
                 continue
             for method in methods:
-                if method not in ("ours", "scale-mlp", "gbt", "gbt-invariant") and not single_arch:
+                if method not in (*OURS, "scale-mlp", "gbt", "gbt-invariant") and not single_arch:
                     continue  # the other baselines need one fixed architecture
                 if method == "paper-nfn" and train[0][0].spec.family != "zoo":
                     continue
@@ -143,8 +144,8 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
     return rows
 
 
-def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, augment: bool = True) -> list[dict]:
-    """Train on every width but the widest, test on the widest (HF zoos)."""
+def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, methods, augment: bool = True) -> list[dict]:
+    """Train on every width but the widest, test on the widest (HF zoos); our predictors only."""
     zoo = Zoo.open(path).filter(finite=True)
     zoo = zoo.filter(epoch=epoch or max(zoo.epochs))
     widths = sorted({r["arch"]["d_model"] for r in zoo.records})
@@ -153,13 +154,16 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, augmen
     wide = zoo.filter(where=lambda r: r["arch"]["d_model"] == widths[-1])
     narrow = zoo.filter(where=lambda r: r["arch"]["d_model"] < widths[-1])
     rows = []
-    for seed in seeds:
+    for method, seed in ((m, s) for m in methods if m in OURS for s in seeds):
         train, val, _ = narrow.split((0.85, 0.15, 0.0), seed=seed)
-        model = AccuracyPredictor()
+        torch.manual_seed(seed)
+        model = AccuracyPredictor(OURS[method])
         model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False)
         m = model.evaluate(wide)
-        rows.append({"zoo": Path(path).name, "seed": seed, "train_widths": widths[:-1], "test_width": widths[-1], **m})
-        print(f"[predictor] OOD {Path(path).name} widths {widths[:-1]} -> {widths[-1]} seed {seed}: tau {m['kendall_tau']:.3f}")
+        rows.append({"zoo": Path(path).name, "method": method, "seed": seed, "train_widths": widths[:-1],
+                     "test_width": widths[-1], **m})
+        print(f"[predictor] OOD {Path(path).name} widths {widths[:-1]} -> {widths[-1]} {method} seed {seed}: "
+              f"tau {m['kendall_tau']:.3f}")
     return rows
 
 
@@ -176,9 +180,9 @@ def markdown(rows, ood, args) -> str:
              f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
              f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (each keeps "
              "its best validation-tau epoch; ours trains with lr 3e-3 and a cosine schedule (`FitConfig`'s defaults), "
-             f"{'no' if args.no_augment else 'group'} augmentation and gradient-norm clipping at 1.0; "
-             "a head on the standardised log-norms plus a "
-             "zero-initialised head on the NFN's features, each with 2 hidden layers).",
+             f"{'no' if args.no_augment else 'group'} augmentation and gradient-norm clipping at 1.0, a head with "
+             "2 hidden layers on the pooled NFN features and log-norms; `ours-scale-head` adds a head on the "
+             "standardised log-norms alone and zero-initialises the first head's last layer).",
              "", f"![predicted vs true]({args.name}_scatter.png)", "",
              "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -200,12 +204,12 @@ def markdown(rows, ood, args) -> str:
         lines += [f"Test splits of fewer than 30 members (tau is noise there): cut-offs {', '.join(f'{c}%' for c in small)}."]
     if ood:
         lines += ["", "## Out of distribution: train on narrower widths, test on the widest", "",
-                  "| zoo | train widths | test width | Kendall tau | R2 |", "|---|---|---|---|---|"]
-        for zoo in dict.fromkeys(r["zoo"] for r in ood):
-            sel = [r for r in ood if r["zoo"] == zoo]
+                  "| zoo | method | train widths | test width | Kendall tau | R2 |", "|---|---|---|---|---|---|"]
+        for zoo, method in dict.fromkeys((r["zoo"], r.get("method", "ours")) for r in ood):
+            sel = [r for r in ood if (r["zoo"], r.get("method", "ours")) == (zoo, method)]
             tau, r2 = _mean_std([r["kendall_tau"] for r in sel]), _mean_std([r["r2"] for r in sel])
-            lines.append(f"| {zoo} | {sel[0]['train_widths']} | {sel[0]['test_width']} | {tau[0]:.3f} +- {tau[1]:.3f} | "
-                         f"{r2[0]:.3f} +- {r2[1]:.3f} |")
+            lines.append(f"| {zoo} | {method} | {sel[0]['train_widths']} | {sel[0]['test_width']} | "
+                         f"{tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -276,7 +280,7 @@ def main(argv=None) -> int:
         rows += benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs, not args.no_augment)
         save()
     for z in args.ood_zoo:
-        ood += out_of_distribution(z, args.epoch, args.seeds, args.epochs, not args.no_augment)
+        ood += out_of_distribution(z, args.epoch, args.seeds, args.epochs, args.methods, not args.no_augment)
         save()
     scatter(rows, args.name)
     return 0

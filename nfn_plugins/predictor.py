@@ -37,7 +37,9 @@ class PredictorConfig:
     head_hidden: int = 64
     head_layers: int = 2  # hidden layers of the head; with 1, ~300 zoo members left it undertrained after 20 epochs
     feature_limit: float | None = 10.0  # see TransformerNFN: collapsed zoo members gave logits of ~1e3 without it
-    scale_head_layers: int = 2  # a head on the log-scales alone, corrected by the NFN's (see TransformerNFN)
+    # 2: a head on the log-scales alone, corrected by the NFN's (see TransformerNFN): tau +0.03 on held-out zoo
+    # members, but worse on models trained by recipes outside the zoo (benchmarks/results/predictor_recipes.md)
+    scale_head_layers: int = 0
 
 
 @dataclass
@@ -156,8 +158,8 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
         The first fit of a predictor with a scale head sets its log-scale standardiser from ``train`` (under
         accelerate every process must pass the whole training set: each fits the same standardiser); later
         fits keep it, so that training can continue where it stopped. Augmentation samples MLP-unit scales,
-        which the scale head reads as shifted up/down norms (measured: without augmentation, tau +0.014 on
-        mnist-paper and -0.014 on mnist-vit; see README).
+        which a scale head reads as shifted up/down norms (with a scale head and without augmentation:
+        tau +0.014 on mnist-paper, -0.014 on mnist-vit; see README).
         """
         cfg = config or FitConfig()
         groups = as_groups(train)

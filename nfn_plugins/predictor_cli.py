@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .predictor import AccuracyPredictor, FitConfig, as_groups
+from .predictor import AccuracyPredictor, FitConfig, PredictorConfig, as_groups
 
 
 def _accelerator():
@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
         train += as_groups(t)
         val += as_groups(v)
     accelerator = _accelerator()
-    model = AccuracyPredictor()
+    model = AccuracyPredictor(PredictorConfig(scale_head_layers=args.scale_head_layers))
     history = model.fit(train, val, FitConfig(epochs=args.epochs, seed=args.seed), accelerator=accelerator)
     if accelerator is None or accelerator.is_main_process:
         kept = next((r for r in history if r.get("best")), history[-1])  # the epoch whose weights are kept
@@ -69,4 +69,6 @@ def add_parser(subparsers) -> None:
     f.add_argument("--epochs", type=int, default=20, help="training epochs")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, help="torch threads per process")
+    f.add_argument("--scale-head-layers", type=int, default=0,
+                   help="a head on the log-norms alone (PredictorConfig.scale_head_layers; 0: none, the default)")
     f.set_defaults(func=_run)

@@ -39,9 +39,10 @@ def test_fit_learns_an_invariant_target(scale_head_layers, target):
     assert model.evaluate(val)["kendall_tau"] > target > before
 
 
-def test_prediction_is_invariant_and_width_agnostic():
-    model = AccuracyPredictor(SMALL).double()
-    with torch.no_grad():  # zero at initialisation (see TransformerNFN): without this the NFN path is not tested
+@pytest.mark.parametrize("scale_head_layers", [0, 2])
+def test_prediction_is_invariant_and_width_agnostic(scale_head_layers):
+    model = AccuracyPredictor(replace(SMALL, scale_head_layers=scale_head_layers)).double()
+    with torch.no_grad():  # zero at initialisation with a scale head: without this the NFN path is not tested
         torch.nn.init.normal_(model.nfn.head[-1].weight)
     for d in (16, 24):
         ws, _ = _synthetic(3, d, 2)
@@ -75,7 +76,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_first_fit_sets_the_scale_standardiser_and_later_fits_keep_it(tmp_path):
     train, other = _synthetic(32, 16, 0), _synthetic(32, 16, 3)
-    model = AccuracyPredictor(SMALL)
+    model = AccuracyPredictor(replace(SMALL, scale_head_layers=2))
     cfg = FitConfig(epochs=1, batch_size=16)
     model.fit(train, config=cfg, progress=False)
     norm = model.nfn.scale_norm

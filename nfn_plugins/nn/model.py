@@ -50,7 +50,9 @@ class TransformerNFN(nn.Module):
     ``scale_head_layers`` > 0 adds a second head that reads only the standardised log-scales; the main head
     (pooled features and the same log-scales) starts at zero and learns a correction. Weight norms alone
     predict a zoo member's accuracy well (they record learning rate, decay and initialisation), and with one
-    head on both kinds of features ours trailed an MLP on the norms alone (README, adapter 3). The log-norms
+    head on both kinds of features ours trailed an MLP on the norms alone (README, adapter 3). It is off by
+    default: on models trained by recipes outside the zoo it predicted worse (a norm-based head can learn the
+    training recipe rather than the function; benchmarks/results/predictor_recipes.md). The log-norms
     share one standardisation scale (they share a unit): per-feature scaling would blow up norms that barely
     vary to the size of informative ones.
     Fit ``scale_norm`` to the training data's `log_scale_features` before training (`AccuracyPredictor.fit` does).

@@ -1,0 +1,108 @@
+"""Shipped accuracy predictors on models trained by recipes no zoo member used.
+
+The zoo benchmark (`predictor.py`) tests on held-out members of the same zoo: same optimizers, learning-rate
+grid and training length. A user's runs differ. Here the paper's zoo transformer is trained on MNIST by 12
+recipes (AdamW, SGD with momentum, RMSprop, the learned NFNOptimizer; learning rates and lengths outside or
+across the zoo's grid), its test accuracy measured on 5,000 images, and each predictor reads it from the
+weights. Results: benchmarks/results/predictor_recipes.{json,md}.
+
+    python benchmarks/predictor_recipes.py [--predictor DIR_OR_NAME --label NAME ...]   # default: mnist-paper
+
+The committed table also reads a predictor with the scale head, trained like the shipped one:
+``nfn-plugins predictor fit --zoo zoos/mnist-paper --out runs/scale-head --epochs 8 --scale-head-layers 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_state, machine_info, write_atomic, write_json_atomic  # noqa: E402
+
+from nfn_plugins.data import load_mnist  # noqa: E402
+from nfn_plugins.metrics import regression_report  # noqa: E402
+from nfn_plugins.optim import LearnedUpdate, NFNOptimizer  # noqa: E402
+from nfn_plugins.predictor import AccuracyPredictor  # noqa: E402
+from nfn_plugins.zoo.models import build_model, paper_arch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RECIPES = [("nfn", 1e-3, 300), ("nfn", 1e-3, 1000), ("adamw", 3e-4, 300), ("adamw", 1e-3, 300),
+           ("adamw", 3e-3, 300), ("adamw", 1e-3, 1000), ("sgdm", 0.03, 300), ("sgdm", 0.1, 300),
+           ("rmsprop", 1e-3, 300), ("adamw", 1e-2, 300), ("sgdm", 0.01, 100), ("adamw", 1e-4, 100)]
+
+
+def optimizer(kind: str, lr: float, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if kind == "nfn":
+        return NFNOptimizer(model, lr=lr, learned=LearnedUpdate.from_pretrained("vit-mnist"))
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if kind == "sgdm":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return torch.optim.RMSprop(model.parameters(), lr=lr)
+
+
+def trained_models(data) -> list[tuple[str, torch.nn.Module, float]]:
+    """(recipe, model, measured test accuracy) for every recipe (batch 64, seed = its index)."""
+    out = []
+    for i, (kind, lr, steps) in enumerate(RECIPES):
+        torch.manual_seed(i)
+        model = build_model(paper_arch())
+        opt = optimizer(kind, lr, model)
+        gen = torch.Generator().manual_seed(i)
+        for _ in range(steps):
+            idx = torch.randint(len(data.train_y), (64,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            acc = float((model(data.test_x[:5000]).argmax(-1) == data.test_y[:5000]).float().mean())
+        name = f"{kind} lr {lr:g}, {steps} steps"
+        print(f"[recipes] {name}: test accuracy {acc:.3f}", file=sys.stderr, flush=True)
+        out.append((name, model, acc))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--predictor", action="append", default=[], help="a predictor directory or shipped name "
+                   "(repeatable; default: mnist-paper)")
+    p.add_argument("--label", action="append", default=[], help="a name for each --predictor in the table")
+    args = p.parse_args(argv)
+    names = args.predictor or ["mnist-paper"]
+    labels = args.label or names
+    if len(labels) != len(names):
+        p.error(f"{len(labels)} --label for {len(names)} --predictor")
+    torch.set_num_threads(1)
+    models = trained_models(load_mnist())
+    measured = torch.tensor([acc for _, _, acc in models])
+    results = []
+    for name, label in zip(names, labels):
+        predictor = AccuracyPredictor.from_pretrained(name)
+        pred = torch.stack([predictor.predict(model) for _, model, _ in models])
+        results.append({"predictor": name, "label": label, "predicted": pred.tolist(),
+                        **regression_report(pred, measured)})
+    rows = [{"recipe": r, "measured": acc} for r, _, acc in models]
+    write_json_atomic(RESULTS / "predictor_recipes.json", {"machine": machine_info(), "git": git_state(
+        Path(__file__).parent.parent), "recipes": rows, "predictors": results})
+    lines = ["# Accuracy predictors on models trained by recipes outside the zoo", "",
+             "The paper's zoo transformer on MNIST, one model per recipe (batch 64), test accuracy on 5,000 images.",
+             "", "| predictor | Kendall tau | R2 | L1 |", "|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['kendall_tau']:.3f} | {r['r2']:.3f} | {r['l1']:.4f} |" for r in results]
+    lines += ["", "| recipe | measured | " + " | ".join(r["label"] for r in results) + " |",
+              "|---|---|" + "---|" * len(results)]
+    for i, row in enumerate(rows):
+        lines.append(f"| {row['recipe']} | {row['measured']:.3f} | "
+                     + " | ".join(f"{r['predicted'][i]:.3f}" for r in results) + " |")
+    write_atomic(RESULTS / "predictor_recipes.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
