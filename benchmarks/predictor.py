@@ -154,6 +154,8 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, method
     wide = zoo.filter(where=lambda r: r["arch"]["d_model"] == widths[-1])
     narrow = zoo.filter(where=lambda r: r["arch"]["d_model"] < widths[-1])
     rows = []
+    if not any(m in OURS for m in methods):
+        raise SystemExit(f"--ood-zoo runs only our predictors {tuple(OURS)}; --methods has neither")
     for method, seed in ((m, s) for m in methods if m in OURS for s in seeds):
         train, val, _ = narrow.split((0.85, 0.15, 0.0), seed=seed)
         torch.manual_seed(seed)
@@ -182,8 +184,10 @@ def markdown(rows, ood, args) -> str:
              "its best validation-tau epoch; ours trains with lr 3e-3 and a cosine schedule (`FitConfig`'s defaults), "
              f"{'no' if args.no_augment else 'group'} augmentation and gradient-norm clipping at 1.0, a head with "
              "2 hidden layers on the pooled NFN features and log-norms; `ours-scale-head` adds a head on the "
-             "standardised log-norms alone and zero-initialises the first head's last layer).",
-             "", f"![predicted vs true]({args.name}_scatter.png)", "",
+             "standardised log-norms alone (standardising the first head's log-norms too) and zero-initialises "
+             "the first head's last layer).",
+             "", *([f"![predicted vs true]({args.name}_scatter.png)", ""] if any(r["method"] == "ours" for r in rows)
+                   else []),
              "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",
              "|---|---|---|---|---|---|---|---|---|"]
     keys = dict.fromkeys((r["zoo"], r["cutoff"], r["method"]) for r in rows)

@@ -3,8 +3,8 @@
 The zoo benchmark (`predictor.py`) tests on held-out members of the same zoo: same optimizers, learning-rate
 grid and training length. A user's runs differ. Here the paper's zoo transformer is trained on MNIST by 12
 recipes (AdamW, SGD with momentum, RMSprop, the learned NFNOptimizer; learning rates and lengths outside or
-across the zoo's grid), its test accuracy measured on 5,000 images, and each predictor reads it from the
-weights. Results: benchmarks/results/predictor_recipes.{json,md}.
+across the zoo's grid), 3 seeds each, its test accuracy measured on 5,000 images, and each predictor reads it
+from the weights. Results: benchmarks/results/predictor_recipes.{json,md}.
 
     python benchmarks/predictor_recipes.py [--predictor DIR_OR_NAME --label NAME ...]   # default: mnist-paper
 
@@ -45,10 +45,10 @@ def optimizer(kind: str, lr: float, model: torch.nn.Module) -> torch.optim.Optim
     return torch.optim.RMSprop(model.parameters(), lr=lr)
 
 
-def trained_models(data) -> list[tuple[str, torch.nn.Module, float]]:
-    """(recipe, model, measured test accuracy) for every recipe (batch 64, seed = its index)."""
+def trained_models(data, seeds: int) -> list[tuple[str, torch.nn.Module, float]]:
+    """(recipe, model, measured test accuracy) for every recipe and seed (batch 64)."""
     out = []
-    for i, (kind, lr, steps) in enumerate(RECIPES):
+    for i, (seed, (kind, lr, steps)) in enumerate((s, r) for s in range(seeds) for r in RECIPES):
         torch.manual_seed(i)
         model = build_model(paper_arch())
         opt = optimizer(kind, lr, model)
@@ -62,7 +62,7 @@ def trained_models(data) -> list[tuple[str, torch.nn.Module, float]]:
         model.eval()
         with torch.no_grad():
             acc = float((model(data.test_x[:5000]).argmax(-1) == data.test_y[:5000]).float().mean())
-        name = f"{kind} lr {lr:g}, {steps} steps"
+        name = f"{kind} lr {lr:g}, {steps} steps" + (f", seed {seed}" if seeds > 1 else "")
         print(f"[recipes] {name}: test accuracy {acc:.3f}", file=sys.stderr, flush=True)
         out.append((name, model, acc))
     return out
@@ -73,13 +73,14 @@ def main(argv=None) -> int:
     p.add_argument("--predictor", action="append", default=[], help="a predictor directory or shipped name "
                    "(repeatable; default: mnist-paper)")
     p.add_argument("--label", action="append", default=[], help="a name for each --predictor in the table")
+    p.add_argument("--seeds", type=int, default=3, help="models per recipe (different initialisation and data order)")
     args = p.parse_args(argv)
     names = args.predictor or ["mnist-paper"]
     labels = args.label or names
     if len(labels) != len(names):
         p.error(f"{len(labels)} --label for {len(names)} --predictor")
     torch.set_num_threads(1)
-    models = trained_models(load_mnist())
+    models = trained_models(load_mnist(), args.seeds)
     measured = torch.tensor([acc for _, _, acc in models])
     results = []
     for name, label in zip(names, labels):
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
     write_json_atomic(RESULTS / "predictor_recipes.json", {"machine": machine_info(), "git": git_state(
         Path(__file__).parent.parent), "recipes": rows, "predictors": results})
     lines = ["# Accuracy predictors on models trained by recipes outside the zoo", "",
-             "The paper's zoo transformer on MNIST, one model per recipe (batch 64), test accuracy on 5,000 images.",
+             f"The paper's zoo transformer on MNIST, {args.seeds} model(s) per recipe (batch 64), test accuracy on "
+             "5,000 images.",
              "", "| predictor | Kendall tau | R2 | L1 |", "|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['kendall_tau']:.3f} | {r['r2']:.3f} | {r['l1']:.4f} |" for r in results]
     lines += ["", "| recipe | measured | " + " | ".join(r["label"] for r in results) + " |",

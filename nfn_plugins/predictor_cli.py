@@ -69,6 +69,6 @@ def add_parser(subparsers) -> None:
     f.add_argument("--epochs", type=int, default=20, help="training epochs")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, help="torch threads per process")
-    f.add_argument("--scale-head-layers", type=int, default=0,
-                   help="a head on the log-norms alone (PredictorConfig.scale_head_layers; 0: none, the default)")
+    f.add_argument("--scale-head-layers", type=int, default=PredictorConfig().scale_head_layers,
+                   help="a head on the log-norms alone (PredictorConfig.scale_head_layers; 0: none)")
     f.set_defaults(func=_run)

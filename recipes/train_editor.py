@@ -7,7 +7,8 @@ accuracy compared before and after. The editor is one rule for every member and 
 
     python recipes/train_editor.py --zoo zoos/mnist-vit --out runs/editor --steps 600
 
-Writes the editor (``save_pretrained``, atomically) and ``report.json`` with the held-out numbers.
+Writes the editor (``save_pretrained``, atomically) and ``report.json``: test loss and accuracy before and
+after the edit for the held-out members and for as many training members (did it learn, did it transfer).
 """
 
 from __future__ import annotations
@@ -46,6 +47,26 @@ def edited_logits(model: torch.nn.Module, params: dict[str, torch.Tensor], x: to
     """``model(x)`` with ``params`` (named as in `unwrap(model)`) in place of its own."""
     prefix = "model." if unwrap(model) is not model else ""
     return functional_call(model, {prefix + k: v for k, v in params.items()}, (x,))
+
+
+def edit_and_measure(editor: WeightEditor, members, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """Test loss and accuracy of each member before and after the edit (the members are edited in place)."""
+    rows = []
+    for record, model in members:
+        before = test_metrics(model, record["arch"], x, y)
+        editor.edit(unwrap(model))
+        after = test_metrics(model, record["arch"], x, y)
+        rows.append({"member": record.get("member"), "arch_key": record["arch_key"], "loss_before": before[0],
+                     "loss_after": after[0], "acc_before": before[1], "acc_after": after[1]})
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    n = len(rows)
+    mean = lambda key: sum(r[key] for r in rows) / n  # noqa: E731
+    return {"members": n, "mean_loss_before": mean("loss_before"), "mean_loss_after": mean("loss_after"),
+            "mean_acc_before": mean("acc_before"), "mean_acc_after": mean("acc_after"),
+            "loss_lower_fraction": sum(r["loss_after"] < r["loss_before"] for r in rows) / n}
 
 
 @torch.no_grad()
@@ -99,25 +120,13 @@ def main(argv=None) -> int:
             print(f"[editor] step {step}/{args.steps}: training loss (edited, last 50) "
                   f"{sum(losses[-50:]) / 50:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
+    train_seconds = time.perf_counter() - start
     x, y = data.test_x[: args.test_images], data.test_y[: args.test_images]
-    rows = []
-    for record, model in test:
-        before = test_metrics(model, record["arch"], x, y)
-        editor.edit(unwrap(model))
-        after = test_metrics(model, record["arch"], x, y)
-        rows.append({"member": record.get("member"), "arch_key": record["arch_key"], "loss_before": before[0],
-                     "loss_after": after[0], "acc_before": before[1], "acc_after": after[1]})
-    n = len(rows)
-    summary = {
-        "held_out_members": n,
-        "mean_loss_before": sum(r["loss_before"] for r in rows) / n,
-        "mean_loss_after": sum(r["loss_after"] for r in rows) / n,
-        "mean_acc_before": sum(r["acc_before"] for r in rows) / n,
-        "mean_acc_after": sum(r["acc_after"] for r in rows) / n,
-        "loss_lower_fraction": sum(r["loss_after"] < r["loss_before"] for r in rows) / n,
-        "train_seconds": time.perf_counter() - start,
-    }
-    editor.save_pretrained(args.out, trained_on=str(args.zoo), args=vars(args), held_out=summary)
+    # held-out members, and as many training members (did it learn at all, or learn but not transfer?)
+    rows = {"held_out": edit_and_measure(editor, test, x, y),
+            "training": edit_and_measure(editor, rng.sample(train, min(len(train), len(test))), x, y)}
+    summary = {split: summarize(r) for split, r in rows.items()} | {"train_seconds": train_seconds}
+    editor.save_pretrained(args.out, trained_on=str(args.zoo), args=vars(args), report=summary)
     tmp = Path(args.out) / ".report.json.tmp"
     tmp.write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1))
     os.replace(tmp, Path(args.out) / "report.json")

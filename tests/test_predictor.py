@@ -127,6 +127,10 @@ def test_fit_command_trains_and_saves_a_loadable_predictor(tmp_path):
     assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "p"), "--epochs", "1"]) == 0
     loaded = AccuracyPredictor.from_pretrained(tmp_path / "p")
     assert "tiny" in loaded.meta["summary"] and len(loaded.meta["history"]) == 1
+    assert loaded.config.scale_head_layers == 0  # the default: the single head
+    assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "s"), "--epochs", "1",
+                 "--scale-head-layers", "2"]) == 0
+    assert AccuracyPredictor.from_pretrained(tmp_path / "s").nfn.scale_norm.fitted
     with pytest.raises(SystemExit, match="no finite checkpoints at epoch 99"):
         main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "q"), "--epoch", "99"])
 
