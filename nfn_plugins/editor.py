@@ -48,7 +48,7 @@ from . import checkpoints
 from .extract import Binding, ExtraAxes, bind
 from .integrations.peft import tuner_kind
 from .params import root_model
-from .nn.features import expand_kv, group_mean, summarize_outer
+from .nn.features import expand_kv, group_mean, product_sq_norm, summarize_outer
 from .nn.model import TransformerNFNEncoder
 from .nn.normalize import SCALE_SLOTS, normalize_scales
 from .spec import BLOCK_AXES, REQUIRED_BLOCK_TENSORS
@@ -70,21 +70,6 @@ FROBENIUS_REFERENCE = {
 SqMeasure = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b>_F over the last two dims, in float64 (the traces below cancel in float32)."""
-    return (a.double() * b.double()).sum((-1, -2))
-
-
-def _quad(b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """b m b^T for row vectors b [..., d] and matrices m [..., d, d], in float64."""
-    b = b.double()
-    return ((b.unsqueeze(-1) * m.double()).sum(-2) * b).sum(-1)
-
-
-def _gram(a: torch.Tensor) -> torch.Tensor:
-    return a.transpose(-1, -2) @ a
-
-
 def _sq_frobenius(x: torch.Tensor) -> torch.Tensor:
     """Per block: x [B, C, L, ...] -> [B, C, L]."""
     return x.double().square().flatten(3).sum(-1)
@@ -93,23 +78,21 @@ def _sq_frobenius(x: torch.Tensor) -> torch.Tensor:
 def _sq_measures(ws: WeightSpace) -> dict[str, tuple[SqMeasure, torch.Tensor]]:
     """Per block tensor: (squared invariant size of a delta, squared reference size) as in the module docstring.
 
-    Products of per-head factors go through d x d Gram matrices (||a b^T||_F^2 = <a^T a, b^T b>), never D x D.
+    Products of per-head factors are never formed (`product_sq_norm`: d x d Gram traces in float64).
     """
     g = ws.spec.group_size
-    group_sum = lambda x: group_mean(x, g) * g  # noqa: E731  per query head -> per key-value head
-    gq, gk, gv = _gram(ws["q"]), _gram(ws["k"]), _gram(ws["v"])
-    go = ws["o"] @ ws["o"].transpose(-1, -2)
-    gk_q, gv_o = expand_kv(gk, g), expand_kv(gv, g)
-    gq_kv, go_kv = group_sum(gq), group_sum(go)
-    ref_q, ref_k, ref_v, ref_o = _inner(gq, gk_q), _inner(gq_kv, gk), _inner(gv, go_kv), _inner(gv_o, go)
+    per_kv = lambda x: group_mean(x, g) * g  # noqa: E731  per query head -> summed over each key-value group
+    q, o = ws["q"], ws["o"]
+    k_t, v = expand_kv(ws["k"], g).transpose(-1, -2), expand_kv(ws["v"], g)  # per query head
+    ref_q, ref_o = product_sq_norm(q, k_t), product_sq_norm(v, o)  # ||q_h k_h^T||^2, ||v_h o_h||^2
     out: dict[str, tuple[SqMeasure, torch.Tensor]] = {
-        "q": (lambda d: _inner(_gram(d), gk_q), ref_q),
-        "k": (lambda d: _inner(_gram(d), gq_kv), ref_k),
-        "v": (lambda d: _inner(_gram(d), go_kv), ref_v),
-        "o": (lambda d: _inner(gv_o, d @ d.transpose(-1, -2)), ref_o),
-        "q_bias": (lambda d: _quad(d, gk_q), ref_q),
-        "k_bias": (lambda d: _quad(d, gq_kv), ref_k),
-        "v_bias": (lambda d: _quad(d, go_kv), ref_v),
+        "q": (lambda d: product_sq_norm(d, k_t), ref_q),
+        "k": (lambda d: per_kv(product_sq_norm(q, expand_kv(d, g).transpose(-1, -2))), per_kv(ref_q)),
+        "v": (lambda d: per_kv(product_sq_norm(expand_kv(d, g), o)), per_kv(ref_o)),
+        "o": (lambda d: product_sq_norm(v, d), ref_o),
+        "q_bias": (lambda d: product_sq_norm(d.unsqueeze(-2), k_t), ref_q),
+        "k_bias": (lambda d: per_kv(product_sq_norm(q, expand_kv(d, g).unsqueeze(-1))), per_kv(ref_q)),
+        "v_bias": (lambda d: per_kv(product_sq_norm(expand_kv(d, g).unsqueeze(-2), o)), per_kv(ref_o)),
         "o_bias": (_sq_frobenius, ref_o.sum(-1)),
     }
     for name, ref in FROBENIUS_REFERENCE.items():
@@ -123,8 +106,7 @@ def _bounded(x: torch.Tensor, sq_measure: torch.Tensor, sq_ref: torch.Tensor, li
 
     The factor tanh(z)/z is an invariant scalar per block (or head), so the bound keeps equivariance, and it is
     ~1 for small deltas: those pass unchanged."""
-    # the traces can round below zero in float32 (a dead head: q k^T ~ 0 while q, k are not)
-    z = (sq_measure.clamp_min(0) + TINY).sqrt() / (limit * sq_ref.clamp_min(0).sqrt() + TINY)
+    z = (sq_measure + TINY).sqrt() / (limit * sq_ref.sqrt() + TINY)
     factor = (torch.tanh(z) / z).to(x.dtype)
     return x * factor.reshape(factor.shape + (1,) * (x.dim() - factor.dim()))
 
