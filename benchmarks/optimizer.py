@@ -11,13 +11,20 @@ Per task and optimizer: training loss curve (EMA), final loss at the step budget
 AdamW's final loss, test accuracy, wall time per training step and per optimizer step, optimizer state
 memory relative to AdamW. Writes benchmarks/results/optimizer.{json,md} and optimizer_curves.png.
 
-    python benchmarks/optimizer.py --learned runs/lopt/learned [--steps 1000] [--quick]
+    python benchmarks/optimizer.py --learned runs/lopt/learned [--steps 1000] [--seeds 100,101,102] [--quick]
+
+Choosing the NFN optimizer's lr on tasks from the meta-training distribution (never on the held-out ones):
+
+    python benchmarks/optimizer.py --learned runs/lopt/learned --name optimizer_validation --seeds 1000,1001 \
+        --tasks val-D16-H2-L1,val-D24-H4-L2,val-D32-H2-L2,val-D32-H4-L1 --nfn-lr 1e-3,2e-3,3e-3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -44,9 +51,12 @@ def _task(name: str, seed: int):
     from nfn_plugins.zoo.models import make_bert, make_vit
 
     torch.manual_seed(seed)
-    if name in ("mnist-new-seeds", "mnist-wider", "fashion"):
+    validation = re.fullmatch(r"val-D(\d+)-H(\d+)-L(\d+)", name)
+    if name in ("mnist-new-seeds", "mnist-wider", "fashion") or validation:
         ds = load_dataset("fashion_mnist" if name == "fashion" else "mnist")
         d, h, depth = (48, 4, 3) if name == "mnist-wider" else (32, 2, 2)
+        if validation:
+            d, h, depth = (int(x) for x in validation.groups())
         model = make_vit(d_model=d, n_heads=h, n_blocks=depth)
         return model, (ds.train_x, ds.train_y), (ds.test_x[:2000], ds.test_y[:2000]), \
             lambda m, x: m(pixel_values=x).logits
@@ -118,6 +128,7 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
             schedule: str = "constant", correction_horizon: float | None = None) -> dict:
     model, (x, y), (xt, yt), forward = _task(task, seed)
     opt = _make_optimizer(kind, model, lr, learned, correction_horizon)
+    horizon = getattr(opt, "correction_horizon", None) if kind == "nfn" else None
     # "linear": lr decays linearly to 0 over the budget (the Hugging Face Trainer's default), for every optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps) if schedule == "linear" else None
     gen = torch.Generator().manual_seed(seed)
@@ -140,12 +151,12 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
     model.eval()
     with torch.no_grad():
         acc = float((forward(model, xt).argmax(-1) == yt).float().mean())
-    return {"task": task, "optimizer": kind, "lr": lr, "final_loss": curve[-1], "test_acc": acc,
+    return {"task": task, "seed": seed, "optimizer": kind, "lr": lr, "horizon": horizon, "final_loss": curve[-1], "test_acc": acc,
             "step_s": statistics.mean(step_times), "opt_step_s": statistics.mean(opt_times),
             # medians over the first steps, where the learned correction runs at full strength
             "step_early_s": statistics.median(step_times[:EARLY_STEPS]),
             "opt_step_early_s": statistics.median(opt_times[:EARLY_STEPS]),
-            "state_bytes": _state_bytes(opt), "curve": curve}
+            "state_bytes": _state_bytes(opt), "curve": [round(x, 5) for x in curve]}
 
 
 def steps_to_reach(curve: list[float], target: float) -> int | None:
@@ -157,106 +168,177 @@ def main(argv=None) -> int:
     p.add_argument("--learned", default="vit-mnist", help="a LearnedUpdate directory or shipped name")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--minilm-steps", type=int, default=60)
-    p.add_argument("--tasks", default="mnist-new-seeds,mnist-wider,fashion,movies-bert,minilm-finetune")
-    p.add_argument("--nfn-lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--tasks", default="mnist-new-seeds,mnist-wider,fashion,movies-bert,minilm-finetune",
+                   help="comma-separated; also val-D<width>-H<heads>-L<depth>: a ViT on MNIST from the "
+                        "meta-training distribution (for choosing the NFN optimizer's lr, with seeds >= 1000)")
+    p.add_argument("--nfn-lr", help="comma-separated lrs for the NFN optimizer and equivariant Adam (default: the "
+                   "learned update's validated lr, `recommended_lr` in its metadata)")
+    p.add_argument("--seeds", default="100", help="comma-separated; every optimizer runs every task with each")
     p.add_argument("--quick", action="store_true", help="100 steps, two tasks, for smoke tests")
     p.add_argument("--name", default="optimizer", help="results file stem in benchmarks/results/")
+    p.add_argument("--combine", help="comma-separated result stems: report their runs together as --name (no runs)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); every optimizer runs with the same")
     p.add_argument("--schedule", choices=("constant", "linear"), default="constant",
                    help="learning-rate schedule for every optimizer (linear: decay to 0, the HF Trainer default)")
     p.add_argument("--compare-never-fading", action="store_true",
                    help="also run the learned update with its correction never fading (correction_horizon=inf)")
-    p.add_argument("--correction-horizon", type=float,
-                   help="NFNOptimizer's correction_horizon (default: the learned update's meta-training task "
-                        "length; inf: the correction never fades)")
+    p.add_argument("--correction-horizon",
+                   help="comma-separated correction_horizon values for the NFN optimizer (default: the learned "
+                        "update's validated horizon, else its meta-training task length; inf: never fades)")
     args = p.parse_args(argv)
+    learned = LearnedUpdate.from_pretrained(args.learned)
+    if args.combine:
+        rows = [r for stem in args.combine.split(",") for r in json.loads((RESULTS / f"{stem}.json").read_text())["runs"]]
+        return _report(rows, args, learned)
     keep_freed_memory()  # for every optimizer alike: MiniLM-sized NFN steps would page-fault their tensors anew
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.minilm_steps, args.tasks = 100, 10, "mnist-new-seeds,movies-bert"
-    learned = LearnedUpdate.from_pretrained(args.learned)
+    nfn_lrs = [float(x) for x in args.nfn_lr.split(",")] if args.nfn_lr else [learned.recommended_lr]
+    horizons = [float(x) for x in args.correction_horizon.split(",")] if args.correction_horizon else [None]
     rows: list[dict] = []
-    for task in args.tasks.split(","):
-        steps = args.minilm_steps if task == "minilm-finetune" else args.steps
-        grid = ADAMW_GRID if task != "minilm-finetune" else MINILM_ADAMW_GRID
-        nfn_lr = args.nfn_lr if task != "minilm-finetune" else 3e-5
-        runs = [("adamw", lr) for lr in grid] + [("adam-default", 1e-3 if task != "minilm-finetune" else 1e-3),
-                                                  ("equivariant-adam", nfn_lr), ("nfn", nfn_lr)]
-        if args.compare_never_fading:
-            runs.append(("nfn-never-fading", nfn_lr))
-        for kind, lr in runs:
-            r = run_one(task, kind, lr, steps, args.seed, learned, schedule=args.schedule,
-                        correction_horizon=args.correction_horizon)
-            print(f"[optimizer] {task:<16} {kind:<17} lr={lr:<7g} final {r['final_loss']:.4f} acc {r['test_acc']:.3f} "
-                  f"step {1e3 * r['step_s']:.1f} ms (opt {1e3 * r['opt_step_s']:.1f} ms)", flush=True)
-            rows.append(r)
+    for seed in (int(x) for x in args.seeds.split(",")):
+        for task in args.tasks.split(","):
+            minilm = task == "minilm-finetune"
+            steps = args.minilm_steps if minilm else args.steps
+            lrs = [3e-5] if minilm else nfn_lrs
+            runs = [("adamw", lr) for lr in (MINILM_ADAMW_GRID if minilm else ADAMW_GRID)] + [("adam-default", 1e-3)]
+            runs += [("equivariant-adam", lr) for lr in lrs] + [("nfn", lr, h) for lr in lrs for h in horizons]
+            if args.compare_never_fading:
+                runs += [("nfn-never-fading", lr) for lr in lrs]
+            for kind, lr, *horizon in runs:
+                r = run_one(task, kind, lr, steps, seed, learned, schedule=args.schedule,
+                            correction_horizon=horizon[0] if horizon else None)
+                print(f"[optimizer] {task:<16} seed {seed} {kind:<17} lr={lr:<7g} final {r['final_loss']:.4f} "
+                      f"acc {r['test_acc']:.3f} step {1e3 * r['step_s']:.1f} ms (opt {1e3 * r['opt_step_s']:.1f} ms)",
+                      flush=True)
+                rows.append(r)
+                write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
+                                                                  "runs": rows})  # partial results survive a crash
+    return _report(rows, args, learned)
+
+
+def _report(rows: list[dict], args, learned: LearnedUpdate) -> int:
     summary = summarize(rows)
     write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
                                                       "summary": summary, "runs": rows})
-    write_atomic(RESULTS / f"{args.name}.md", markdown(summary, args, learned))
-    plot(rows, RESULTS / f"{args.name}_curves.png")
+    write_atomic(RESULTS / f"{args.name}.md", markdown(summary, rows, args, learned))
+    plot([r for r in rows if r["seed"] == rows[0]["seed"]], RESULTS / f"{args.name}_curves.png")
     return 0
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per task and optimizer (and lr, except AdamW, tuned per seed): means over seeds, and per seed the steps
+    to reach the tuned AdamW's final loss of that seed."""
+    best = {}
+    for r in rows:
+        key = (r["task"], r["seed"])
+        if r["optimizer"] == "adamw" and (key not in best or r["final_loss"] < best[key]["final_loss"]):
+            best[key] = r
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["optimizer"] == "adamw" and r is not best[(r["task"], r["seed"])]:
+            continue
+        kind = "adamw (tuned)" if r["optimizer"] == "adamw" else r["optimizer"]
+        key = (r["task"], kind, None if kind == "adamw (tuned)" else r["lr"], r.get("horizon"))
+        groups.setdefault(key, []).append(r)
     out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        runs = [r for r in rows if r["task"] == task]
-        adamw = [r for r in runs if r["optimizer"] == "adamw"]
-        best = min(adamw, key=lambda r: r["final_loss"])
-        for r in runs:
-            if r["optimizer"] == "adamw" and r is not best:
-                continue
-            out.append({
-                "task": task, "optimizer": "adamw (tuned)" if r is best else r["optimizer"], "lr": r["lr"],
-                "final_loss": r["final_loss"], "test_acc": r["test_acc"],
-                "steps_to_tuned_adamw_final": steps_to_reach(r["curve"], best["final_loss"]),
-                "budget": len(r["curve"]),
-                "step_time_vs_adamw": r["step_s"] / best["step_s"],
-                "step_time_early_vs_adamw": r["step_early_s"] / best["step_early_s"],
-                "opt_step_ms": 1e3 * r["opt_step_s"],
-                "opt_step_early_ms": 1e3 * r["opt_step_early_s"],
-                "state_memory_vs_adamw": r["state_bytes"] / max(1, best["state_bytes"]),
-            })
+    for (task, kind, _, horizon), runs in groups.items():
+        ref = [best[(task, r["seed"])] for r in runs]
+        losses = [r["final_loss"] for r in runs]
+        reach = [steps_to_reach(r["curve"], b["final_loss"]) for r, b in zip(runs, ref)]
+        out.append({
+            "task": task, "optimizer": kind, "lr": sorted({r["lr"] for r in runs}), "horizon": horizon,
+            "seeds": [r["seed"] for r in runs],
+            "final_loss": statistics.mean(losses), "final_loss_std": statistics.pstdev(losses),
+            "test_acc": statistics.mean(r["test_acc"] for r in runs),
+            "steps_to_tuned_adamw_final": reach,
+            "median_steps_to_tuned_adamw_final": _median_steps(reach, len(runs[0]["curve"])),
+            "budget": len(runs[0]["curve"]),
+            "step_time_vs_adamw": statistics.mean(r["step_s"] / b["step_s"] for r, b in zip(runs, ref)),
+            "step_time_early_vs_adamw": statistics.mean(r["step_early_s"] / b["step_early_s"] for r, b in zip(runs, ref)),
+            "opt_step_ms": 1e3 * statistics.mean(r["opt_step_s"] for r in runs),
+            "opt_step_early_ms": 1e3 * statistics.mean(r["opt_step_early_s"] for r in runs),
+            "state_memory_vs_adamw": statistics.mean(r["state_bytes"] / max(1, b["state_bytes"])
+                                                     for r, b in zip(runs, ref)),
+        })
     return out
 
 
-def markdown(summary: list[dict], args, learned: LearnedUpdate) -> str:
+def _median_steps(reach: list[int | None], budget: int) -> float | None:
+    """Median over seeds, a seed that never reached counting as beyond the budget (None if that is the median)."""
+    value = statistics.median([math.inf if x is None else x for x in reach])
+    return None if math.isinf(value) else value
+
+
+def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate) -> str:
     learned_meta = learned.meta
     mc = learned_meta.get("meta_config", {})
+    seeds = sorted({r["seed"] for r in rows})
+    lr_text = (f"NFN optimizer and equivariant Adam at lr {args.nfn_lr} (the learned update's validated lr: "
+               f"{learned.recommended_lr:g})" if args.nfn_lr else
+               f"NFN optimizer and equivariant Adam at the learned update's validated lr {learned.recommended_lr:g}")
     lines = [
         "# Learned equivariant optimizer vs AdamW", "",
         f"Learned update: `{args.learned}` (meta-trained {learned_meta.get('truncations', '?')} truncations in "
-        f"{learned_meta.get('minutes', 0):.0f} min on tasks of {mc.get('task_steps', '?')} steps); "
-        f"NFN optimizer lr {args.nfn_lr} (not tuned), {_fade_text(args.correction_horizon or learned.horizon or math.inf)}; AdamW lr tuned per task on "
-        f"{ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Learning-rate schedule for every "
-        f"optimizer: {args.schedule}{' (decay to 0 over the budget)' if args.schedule == 'linear' else ''}. "
+        f"{learned_meta.get('minutes', 0):.0f} min on tasks of {mc.get('task_steps', '?')} steps); {lr_text}, not "
+        "tuned per task; the learned correction at full strength for H steps (the `horizon` column), fading "
+        "linearly to 0 at step 2H (then equivariant Adam; the NFN no longer runs); AdamW lr tuned per "
+        f"task and seed on {ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Learning-rate "
+        f"schedule for every optimizer: {args.schedule}{' (decay to 0 over the budget)' if args.schedule == 'linear' else ''}. "
+        f"Seeds {', '.join(map(str, seeds))} (model init and batches); means over seeds. "
         "`keep_freed_memory()` for every optimizer. Batch 64, weight decay 0, "
-        "losses are an EMA (0.95) of the training loss. `steps to AdamW final`: first step at which the "
-        "optimizer's loss reaches tuned AdamW's loss at the end of the budget (blank: never).", "",
-        f"![loss curves]({args.name}_curves.png)", "",
-        "| task | optimizer | lr | final loss | test acc | steps to AdamW final / budget | step time vs AdamW: "
-        f"mean / median of first {EARLY_STEPS} | optimizer step (ms): mean / median of first {EARLY_STEPS} | "
-        "state memory vs AdamW |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "losses are an EMA (0.95) of the training loss. `steps to AdamW final`: per seed, the first step at which "
+        "the optimizer's loss reaches that seed's tuned AdamW loss at the end of the budget (-: never); median "
+        "over seeds.", "",
+        f"![loss curves]({args.name}_curves.png) (seed {seeds[0]})", "",
+        "| task | optimizer | lr | horizon | final loss | test acc | steps to AdamW final: median (per seed) / budget | "
+        f"step time vs AdamW: mean / median of first {EARLY_STEPS} | optimizer step (ms): mean / median of first "
+        f"{EARLY_STEPS} | state memory vs AdamW |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
-        reach = s["steps_to_tuned_adamw_final"]
+        med = s["median_steps_to_tuned_adamw_final"]
+        per_seed = ", ".join(str(x) if x else "-" for x in s["steps_to_tuned_adamw_final"])
+        std = f" +- {s['final_loss_std']:.4f}" if len(s["seeds"]) > 1 else ""
         lines.append(
-            f"| {s['task']} | {s['optimizer']} | {s['lr']:g} | {s['final_loss']:.4f} | {s['test_acc']:.3f} | "
-            f"{reach if reach else '-'} / {s['budget']} | {s['step_time_vs_adamw']:.2f}x / "
-            f"{s['step_time_early_vs_adamw']:.2f}x | {s['opt_step_ms']:.1f} / {s['opt_step_early_ms']:.1f} | "
-            f"{s['state_memory_vs_adamw']:.2f}x |")
+            f"| {s['task']} | {s['optimizer']} | {', '.join(f'{x:g}' for x in s['lr'])} | "
+            f"{'' if s['horizon'] is None else format(s['horizon'], 'g')} | {s['final_loss']:.4f}{std} | "
+            f"{s['test_acc']:.3f} | {f'{med:g}' if med else '-'} ({per_seed}) / {s['budget']} | "
+            f"{s['step_time_vs_adamw']:.2f}x / {s['step_time_early_vs_adamw']:.2f}x | {s['opt_step_ms']:.1f} / "
+            f"{s['opt_step_early_ms']:.1f} | {s['state_memory_vs_adamw']:.2f}x |")
+    ranking = rank_configurations(rows)
+    if len(ranking) > 1:
+        lines += ["", "Configurations of the NFN optimizer and equivariant Adam ranked by mean log final loss over "
+                  "tasks and seeds (how the shipped update's lr and horizon are chosen on validation tasks):", "",
+                  "| optimizer | lr | horizon | mean log final loss | vs tuned AdamW (mean log ratio) | median steps to "
+                  "AdamW final |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['optimizer']} | {c['lr']:g} | {'' if c['horizon'] is None else format(c['horizon'], 'g')} | "
+                  f"{c['mean_log_loss']:.4f} | {c['vs_adamw']:+.3f} | {c['median_steps'] or '-'} |" for c in ranking]
     return "\n".join(lines) + "\n"
 
 
-def _fade_text(horizon: float) -> str:
-    if math.isinf(horizon):
-        return "learned correction at full strength throughout"
-    return (f"learned correction at full strength for {horizon:g} steps, fading linearly to 0 at step "
-            f"{2 * horizon:g} (then equivariant Adam; the NFN no longer runs)")
+def rank_configurations(rows: list[dict]) -> list[dict]:
+    """(optimizer, lr, horizon) of our optimizers, best first by mean log final loss over every task and seed."""
+    best = {}
+    for r in rows:
+        key = (r["task"], r["seed"])
+        if r["optimizer"] == "adamw" and (key not in best or r["final_loss"] < best[key]["final_loss"]):
+            best[key] = r
+    configs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["optimizer"] in ("nfn", "equivariant-adam"):
+            configs.setdefault((r["optimizer"], r["lr"], r.get("horizon")), []).append(r)
+    ranking = []
+    for (kind, lr, horizon), runs in configs.items():
+        ref = [best[(r["task"], r["seed"])]["final_loss"] for r in runs]
+        reach = [steps_to_reach(r["curve"], b) for r, b in zip(runs, ref)]
+        ranking.append({"optimizer": kind, "lr": lr, "horizon": horizon,
+                        "mean_log_loss": statistics.mean(math.log(r["final_loss"]) for r in runs),
+                        "vs_adamw": statistics.mean(math.log(r["final_loss"] / b) for r, b in zip(runs, ref)),
+                        "median_steps": _median_steps(reach, len(runs[0]["curve"]))})
+    return sorted(ranking, key=lambda c: c["mean_log_loss"])
 
 
 def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> None:
@@ -281,6 +363,7 @@ def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> Non
                 label = f"adamw {r['lr']:g}" + (" (tuned)" if r is best else "")
             else:
                 style, label = styles[r["optimizer"]], f"{r['optimizer']} {r['lr']:g}"
+                label += f" H{r['horizon']:g}" if r.get("horizon") is not None else ""
             ax.plot(r["curve"], label=label, **style)
         ax.set_title(task)
         ax.set_xlabel("step")

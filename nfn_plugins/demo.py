@@ -113,9 +113,11 @@ def adapters_demo(seed: int = 0, steps: int = 300) -> dict:
     data = load_mnist()
     model = build_model(paper_arch())
     learned_name = LearnedUpdate.available()[0] if LearnedUpdate.available() else None
-    opt = NFNOptimizer(model, lr=1e-3, learned=LearnedUpdate.from_pretrained(learned_name) if learned_name else None)
-    print(f"NFNOptimizer (learned update: {learned_name or 'none shipped, equivariant Adam'}): "
-          f"{sum(p.numel() for p in opt.param_groups[0]['params']):,} block weights under the learned rule")
+    # the shipped update brings its validated lr and correction horizon
+    opt = NFNOptimizer.from_pretrained(learned_name, model) if learned_name else NFNOptimizer(model, lr=1e-3)
+    print(f"NFNOptimizer (learned update: {learned_name or 'none shipped, equivariant Adam'}, lr "
+          f"{opt.param_groups[0]['lr']:g}): {sum(p.numel() for p in opt.param_groups[0]['params']):,} block weights "
+          f"under the learned rule")
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):

@@ -56,7 +56,7 @@ class MetaConfig:
 
 
 class Task:
-    """One inner problem: a fresh small ViT on MNIST, its canonical weights and Adam moments."""
+    """One inner problem: a fresh small ViT on MNIST, its canonical weights, Adam moments and head covariances."""
 
     def __init__(self, cfg: MetaConfig, data, gen: torch.Generator):
         from .zoo.models import make_vit
@@ -72,6 +72,7 @@ class Task:
         self.weights = self.binding.read()
         zeros = self.weights.map(torch.zeros_like)
         self.m, self.v = zeros, zeros
+        self.head_cov: dict[str, torch.Tensor] = {}
         self.t = 0
         self.data, self.gen, self.batch_size = data, gen, cfg.batch_size
 
@@ -92,8 +93,8 @@ class Task:
         grads = WeightSpace(weights.spec, {n: g.detach() for n, g in zip(weights.spec.names, grads)})
         self.t += 1
         with torch.set_grad_enabled(track):
-            new_blocks, m, v = block_update(learned, weights, grads, self.m, self.v, self.t, self.lr, (0.9, 0.999),
-                                            1e-8, 0.0)
+            new_blocks, m, v, self.head_cov = block_update(learned, weights, grads, self.m, self.v, self.head_cov,
+                                                           self.t, self.lr, (0.9, 0.999), 1e-8, 0.0)
         new = dict(new_blocks)
         m_all, v_all = dict(self.m.tensors), dict(self.v.tensors)
         m_all.update({n: x.detach() for n, x in m.items()})

@@ -11,7 +11,7 @@ import torch
 
 from model_factories import build
 from nfn_plugins import SymmetryGroup, extract_weights, load_weights
-from nfn_plugins.optim import LearnedUpdate, NFNOptimizer, block_update
+from nfn_plugins.optim import LearnedUpdate, NFNOptimizer, block_update, head_covariance, whiten
 
 
 def _loss(model, inputs) -> torch.Tensor:
@@ -69,6 +69,39 @@ def test_plain_adam_is_not_equivariant_under_head_rotations(exact_float64):
     assert float((extract_weights(moved)["q"] - expected["q"]).abs().max() / expected["q"].abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("name,shape", [("q", (3, 2, 7, 4)), ("o", (3, 2, 4, 7)), ("v_bias", (3, 2, 4))])
+def test_head_whitening_commutes_with_orthogonal_head_maps(name, shape):
+    """whiten(x R, cov(g R)) = whiten(x, cov(g)) R per head, R random orthogonal (float64); q-like tensors carry
+    the head dimension last, o first (o moves as R^T o), biases are one row."""
+    gen = torch.Generator().manual_seed(0)
+    x, g = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    rot = torch.linalg.qr(torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64))[0]
+    if name == "v_bias":
+        rot = rot[:, :, None]  # [L, H, 1, d, d] acting on [L, H, d] rows
+        act = lambda t: (t.unsqueeze(-2) @ rot.squeeze(2)).squeeze(-2)  # noqa: E731
+    elif name == "o":
+        act = lambda t: rot.transpose(-1, -2) @ t  # noqa: E731
+    else:
+        act = lambda t: t @ rot  # noqa: E731
+    moved = whiten(name, act(x), head_covariance(name, act(g)))
+    assert torch.allclose(moved, act(whiten(name, x, head_covariance(name, g))), atol=1e-12)
+    assert not torch.allclose(whiten(name, x, head_covariance(name, g)), x, atol=1e-3)  # it does something
+
+
+def test_head_whitening_equalises_a_heads_directions_and_keeps_its_scale():
+    """Rows whose spread differs 36x across the head's directions come out nearly isotropic, with the same
+    overall size; a zero covariance (no gradient yet) leaves the direction unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))[0]
+    rows = torch.randn(1, 1, 4000, 4, generator=gen, dtype=torch.float64) * torch.tensor([6.0, 3.0, 2.0, 1.0]) @ basis.T
+    cov = head_covariance("q", rows)
+    out = whiten("q", rows, cov)
+    spectrum = torch.linalg.eigvalsh(head_covariance("q", out)[0, 0])
+    assert float(spectrum.max() / spectrum.min()) < 1.2 < float(torch.linalg.cond(cov[0, 0]))
+    assert 0.9 < float(out.square().mean() / rows.square().mean()) < 1.1  # reshaped, not resized
+    assert torch.equal(whiten("q", rows, torch.zeros_like(cov)), rows)
+
+
 def test_untrained_learned_update_equals_equivariant_adam():
     model, make_inputs = build("gpt2_lm")
     twin = copy.deepcopy(model)
@@ -114,18 +147,28 @@ def test_correction_fades_out_after_the_horizon():
     ws = extract_weights(model)
     grads = ws.map(torch.randn_like)
     moments = ws.map(torch.zeros_like)
-    new = {s: block_update(learned, ws, grads, moments, moments, 3, 1e-2, (0.9, 0.999), 1e-8, 0.0, s)[0]
+    new = {s: block_update(learned, ws, grads, moments, moments, {}, 3, 1e-2, (0.9, 0.999), 1e-8, 0.0, s)[0]
            for s in (0.0, 0.5, 1.0)}
     assert all(torch.allclose(new[0.5][k], (new[0.0][k] + new[1.0][k]) / 2, atol=1e-12) for k in new[0.5])
     assert any(not torch.equal(new[0.0][k], new[1.0][k]) for k in new[0.5])
 
 
-def test_correction_horizon_defaults_to_the_meta_training_task_length():
+def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path):
+    """The shipped update's metadata carries its validated lr and horizon; without them: the meta-training
+    task length (no fade if unknown) and lr 1e-3; explicit arguments win."""
     model, _ = build("bert")
     shipped = LearnedUpdate.from_pretrained("vit-mnist")
-    assert shipped.horizon == shipped.meta["meta_config"]["task_steps"][1]
-    assert NFNOptimizer(model, learned=shipped).correction_horizon == shipped.horizon
+    assert shipped.horizon == shipped.meta["correction_horizon"] < shipped.meta["meta_config"]["task_steps"][1]
+    opt = NFNOptimizer.from_pretrained("vit-mnist", model)
+    assert opt.correction_horizon == shipped.horizon
+    assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == shipped.recommended_lr == shipped.meta["recommended_lr"]
+    assert NFNOptimizer.from_pretrained("vit-mnist", model, lr=0.5).param_groups[0]["lr"] == 0.5
     assert NFNOptimizer(model, learned=shipped, correction_horizon=math.inf).correction_horizon == math.inf
+    unvalidated = _learned()
+    unvalidated.meta = {"meta_config": {"task_steps": [40, 240]}}
+    unvalidated.save_pretrained(tmp_path / "u")
+    assert NFNOptimizer.from_pretrained(tmp_path / "u", model).correction_horizon == 240
+    assert NFNOptimizer.from_pretrained(tmp_path / "u", model).param_groups[0]["lr"] == 1e-3
     assert NFNOptimizer(model, learned=_learned()).correction_horizon == math.inf  # no metadata: never fades
     with pytest.raises(ValueError, match="correction_horizon must be a positive"):
         NFNOptimizer(model, learned=shipped, correction_horizon=0)

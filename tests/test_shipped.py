@@ -1,7 +1,7 @@
 """The shipped NFN weights keep their meaning: outputs on fixed inputs equal those of the code they were
-trained with (tests/data/shipped_outputs.json, in float64): the learned update's since commit 53d692d,
-before the layers were rewritten for speed; the `mnist-paper` predictor's since it was retrained with a
-two-layer head (2026-11-26)."""
+trained with (tests/data/shipped_outputs.json, in float64): the learned update's since it was meta-trained
+anew on the whitened equivariant Adam (2026-11-26, fifth session); the `mnist-paper` predictor's since it
+was retrained with a two-layer head (2026-11-26)."""
 
 from __future__ import annotations
 
