@@ -228,14 +228,20 @@ def _report(rows: list[dict], args, learned: LearnedUpdate) -> int:
     return 0
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per task and optimizer (and lr, except AdamW, tuned per seed): means over seeds, and per seed the steps
-    to reach the tuned AdamW's final loss of that seed."""
-    best = {}
+def tuned_adamw(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """(task, seed) -> the AdamW run with the lowest final loss (AdamW's lr tuned per task and seed)."""
+    best: dict[tuple[str, int], dict] = {}
     for r in rows:
         key = (r["task"], r["seed"])
         if r["optimizer"] == "adamw" and (key not in best or r["final_loss"] < best[key]["final_loss"]):
             best[key] = r
+    return best
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per task and optimizer (and lr, except AdamW, tuned per seed): means over seeds, and per seed the steps
+    to reach the tuned AdamW's final loss of that seed."""
+    best = tuned_adamw(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["optimizer"] == "adamw" and r is not best[(r["task"], r["seed"])]:
@@ -254,7 +260,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "final_loss": statistics.mean(losses), "final_loss_std": statistics.pstdev(losses),
             "test_acc": statistics.mean(r["test_acc"] for r in runs),
             "steps_to_tuned_adamw_final": reach,
-            "median_steps_to_tuned_adamw_final": _median_steps(reach, len(runs[0]["curve"])),
+            "median_steps_to_tuned_adamw_final": _median_steps(reach),
             "budget": len(runs[0]["curve"]),
             "step_time_vs_adamw": statistics.mean(r["step_s"] / b["step_s"] for r, b in zip(runs, ref)),
             "step_time_early_vs_adamw": statistics.mean(r["step_early_s"] / b["step_early_s"] for r, b in zip(runs, ref)),
@@ -266,7 +272,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _median_steps(reach: list[int | None], budget: int) -> float | None:
+def _median_steps(reach: list[int | None]) -> float | None:
     """Median over seeds, a seed that never reached counting as beyond the budget (None if that is the median)."""
     value = statistics.median([math.inf if x is None else x for x in reach])
     return None if math.isinf(value) else value
@@ -309,7 +315,7 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
             f"{s['step_time_vs_adamw']:.2f}x / {s['step_time_early_vs_adamw']:.2f}x | {s['opt_step_ms']:.1f} / "
             f"{s['opt_step_early_ms']:.1f} | {s['state_memory_vs_adamw']:.2f}x |")
     ranking = rank_configurations(rows)
-    if len(ranking) > 1:
+    if len(ranking) > len({c["optimizer"] for c in ranking}):  # a grid of lrs or horizons: rank it
         lines += ["", "Configurations of the NFN optimizer and equivariant Adam ranked by mean log final loss over "
                   "tasks and seeds (how the shipped update's lr and horizon are chosen on validation tasks):", "",
                   "| optimizer | lr | horizon | mean log final loss | vs tuned AdamW (mean log ratio) | median steps to "
@@ -321,11 +327,7 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
 
 def rank_configurations(rows: list[dict]) -> list[dict]:
     """(optimizer, lr, horizon) of our optimizers, best first by mean log final loss over every task and seed."""
-    best = {}
-    for r in rows:
-        key = (r["task"], r["seed"])
-        if r["optimizer"] == "adamw" and (key not in best or r["final_loss"] < best[key]["final_loss"]):
-            best[key] = r
+    best = tuned_adamw(rows)
     configs: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["optimizer"] in ("nfn", "equivariant-adam"):
@@ -337,7 +339,7 @@ def rank_configurations(rows: list[dict]) -> list[dict]:
         ranking.append({"optimizer": kind, "lr": lr, "horizon": horizon,
                         "mean_log_loss": statistics.mean(math.log(r["final_loss"]) for r in runs),
                         "vs_adamw": statistics.mean(math.log(r["final_loss"] / b) for r, b in zip(runs, ref)),
-                        "median_steps": _median_steps(reach, len(runs[0]["curve"]))})
+                        "median_steps": _median_steps(reach)})
     return sorted(ranking, key=lambda c: c["mean_log_loss"])
 
 

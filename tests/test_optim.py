@@ -246,6 +246,29 @@ def test_logs_what_went_where(caplog):
     assert {h.name for h in opt.binding.unmatched} >= {"embed.weight"}
 
 
+def test_frozen_block_parameters_stay_put_and_keep_no_state():
+    """Freezing part of the blocks (e.g. the first layer): the rest trains, the frozen tensors neither move
+    nor get moments or head covariances, and resuming from the state dict stays bit-identical."""
+    model, make_inputs = build("bert")
+    inputs = make_inputs(0)
+    frozen = [p for name, p in model.named_parameters() if ".layer.0.attention." in name]
+    assert frozen
+    for p in frozen:
+        p.requires_grad_(False)
+    before = [p.detach().clone() for p in frozen]
+    opt = NFNOptimizer(model, lr=1e-2, learned=_learned(dtype=torch.float32))
+    _train(model, opt, inputs, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen))
+    assert all(p not in opt.state for p in frozen)
+    assert any(k.startswith("head_cov_") for st in opt.state.values() for k in st)
+    twin = copy.deepcopy(model)
+    twin_opt = NFNOptimizer(twin, lr=1e-2, learned=_learned(dtype=torch.float32))
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, opt, inputs, 2)
+    _train(twin, twin_opt, inputs, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
 def test_bad_arguments():
     model, _ = build("bert")
     with pytest.raises(ValueError, match="nonfinite"):
