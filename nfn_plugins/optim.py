@@ -41,6 +41,7 @@ from .extract import Binding, bind
 from .nn.features import summarize_outer
 from .nn.model import TransformerNFNEncoder
 from .nn.normalize import normalize_scales
+from .params import ParamHandle
 from .spec import BLOCK_AXES
 from .weight_space import WeightSpace
 
@@ -227,7 +228,7 @@ class NFNOptimizer(torch.optim.Optimizer):
         warnings.warn(f"non-finite gradient: step skipped, weights unchanged ({self.skipped_steps} skipped so far)")
         return False
 
-    def _head_covariance_slots(self):
+    def _head_covariance_slots(self) -> list[tuple[str, int, ParamHandle]]:
         """(per-head tensor, block index, parameter handle) for every head covariance this optimizer keeps."""
         return [(part, i, h) for bp in self.binding.block_params for part in bp.rule.parts if part in HEAD_DIM_AXIS
                 for i, h in enumerate(bp.handles)]
@@ -236,8 +237,8 @@ class NFNOptimizer(torch.optim.Optimizer):
         """The head covariances [L, H, d, d], stacked from the parameters' state (zeros for frozen ones)."""
         per_part: dict[str, list[torch.Tensor]] = {}
         for part, _, h in self._head_covariance_slots():
-            st = self.state.get(h.param, {})  # .get: no state entry for a frozen parameter
-            per_part.setdefault(part, []).append(st.get(f"head_cov_{part}", self._zero_head_covariance(part, h.param)))
+            st, key = self.state.get(h.param, {}), f"head_cov_{part}"  # .get: no state entry for a frozen parameter
+            per_part.setdefault(part, []).append(st[key] if key in st else self._zero_head_covariance(part, h.param))
         return {part: torch.stack(cs) for part, cs in per_part.items()}
 
     def _zero_head_covariance(self, part: str, like: torch.Tensor) -> torch.Tensor:
