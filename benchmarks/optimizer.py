@@ -13,10 +13,12 @@ memory relative to AdamW. Writes benchmarks/results/optimizer.{json,md} and opti
 
     python benchmarks/optimizer.py --learned runs/lopt/learned [--steps 1000] [--seeds 100,101,102] [--quick]
 
-Choosing the NFN optimizer's lr on tasks from the meta-training distribution (never on the held-out ones):
+Choosing the NFN optimizer's lr and correction horizon on tasks from the meta-training distribution (never on
+the held-out ones; the ranking table at the end of the report):
 
     python benchmarks/optimizer.py --learned runs/lopt/learned --name optimizer_validation --seeds 1000,1001 \
-        --tasks val-D16-H2-L1,val-D24-H4-L2,val-D32-H2-L2,val-D32-H4-L1 --nfn-lr 1e-3,2e-3,3e-3
+        --tasks val-D16-H2-L1,val-D24-H4-L2,val-D32-H2-L2,val-D32-H4-L1 --nfn-lr 2e-3,3e-3,5e-3 \
+        --correction-horizon 25,50,100
 """
 
 from __future__ import annotations
@@ -355,11 +357,12 @@ def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> Non
               "nfn": dict(color="tab:purple", ls="-", lw=1.8),
               "nfn-never-fading": dict(color="tab:purple", ls="--", lw=1.0)}
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    tuned = tuned_adamw(rows)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         runs = [r for r in rows if r["task"] == task]
-        best = min((r for r in runs if r["optimizer"] == "adamw"), key=lambda r: r["final_loss"])
         for r in runs:
+            best = tuned[(task, r["seed"])]
             if r["optimizer"] == "adamw":
                 style = dict(color="black", lw=1.6) if r is best else dict(color="grey", lw=0.7, alpha=0.5)
                 label = f"adamw {r['lr']:g}" + (" (tuned)" if r is best else "")

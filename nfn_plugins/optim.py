@@ -41,7 +41,6 @@ from .extract import Binding, bind
 from .nn.features import summarize_outer
 from .nn.model import TransformerNFNEncoder
 from .nn.normalize import normalize_scales
-from .params import ParamHandle
 from .spec import BLOCK_AXES
 from .weight_space import WeightSpace
 
@@ -171,6 +170,9 @@ class NFNOptimizer(torch.optim.Optimizer):
             raise ValueError(f"correction_horizon must be a positive number of steps (or math.inf), got {horizon!r}")
         self.correction_horizon = math.inf if horizon is None else horizon
         self.nonfinite = nonfinite
+        # (per-head tensor, block index, handle) of every head covariance: fixed by the binding
+        self._head_cov_slots = [(part, i, h) for bp in self.binding.block_params for part in bp.rule.parts
+                                if part in HEAD_DIM_AXIS for i, h in enumerate(bp.handles)]
         self.skipped_steps = 0
         self.base = None
         if others:
@@ -228,15 +230,10 @@ class NFNOptimizer(torch.optim.Optimizer):
         warnings.warn(f"non-finite gradient: step skipped, weights unchanged ({self.skipped_steps} skipped so far)")
         return False
 
-    def _head_covariance_slots(self) -> list[tuple[str, int, ParamHandle]]:
-        """(per-head tensor, block index, parameter handle) for every head covariance this optimizer keeps."""
-        return [(part, i, h) for bp in self.binding.block_params for part in bp.rule.parts if part in HEAD_DIM_AXIS
-                for i, h in enumerate(bp.handles)]
-
     def _head_covariances(self) -> Tensors:
         """The head covariances [L, H, d, d], stacked from the parameters' state (zeros for frozen ones)."""
         per_part: dict[str, list[torch.Tensor]] = {}
-        for part, _, h in self._head_covariance_slots():
+        for part, _, h in self._head_cov_slots:
             st, key = self.state.get(h.param, {}), f"head_cov_{part}"  # .get: no state entry for a frozen parameter
             per_part.setdefault(part, []).append(st[key] if key in st else self._zero_head_covariance(part, h.param))
         return {part: torch.stack(cs) for part, cs in per_part.items()}
@@ -261,9 +258,9 @@ class NFNOptimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 self.state[p].update(step=torch.zeros((), dtype=torch.float64), exp_avg=torch.zeros_like(p),
                                      exp_avg_sq=torch.zeros_like(p))
-        for part, _, h in self._head_covariance_slots():
-            if id(h.param) in active:
-                self.state[h.param].setdefault(f"head_cov_{part}", self._zero_head_covariance(part, h.param))
+        for part, _, h in self._head_cov_slots:
+            if id(h.param) in active and f"head_cov_{part}" not in self.state[h.param]:
+                self.state[h.param][f"head_cov_{part}"] = self._zero_head_covariance(part, h.param)
         torch._foreach_add_([self.state[p]["step"] for p in group["params"]], 1)
 
         def source(key: str):
@@ -287,7 +284,7 @@ class NFNOptimizer(torch.optim.Optimizer):
                 if id(handle.param) in active:
                     targets.append(handle.param if key == "weight" else self.state[handle.param][key])
                     values.append(value)
-        for part, i, handle in self._head_covariance_slots():
+        for part, i, handle in self._head_cov_slots:
             if id(handle.param) in active:
                 targets.append(self.state[handle.param][f"head_cov_{part}"])
                 values.append(covs[part][i])
