@@ -53,42 +53,42 @@ class Binding:
         return list(torch.split(x, [self._part_width(p) for p in parts], dim=-1))
 
     def _to_canonical(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One part of a stored parameter (matrix in right-multiplication form, or vector) -> canonical."""
-        s = self.spec
+        """One part of the stacked stored parameters [L, matrix in right-multiplication form, or vector] ->
+        canonical [L, ...]."""
+        s, n_blocks = self.spec, x.shape[0]
         if name in ("q", "k", "v"):
             n = s.n_heads if name == "q" else s.n_kv_heads
-            return x.reshape(x.shape[0], n, -1).permute(1, 0, 2)
+            return x.reshape(n_blocks, x.shape[1], n, -1).transpose(1, 2)
         if name == "o":
-            return x.reshape(s.n_heads, s.head_dim_vo, x.shape[-1])
+            return x.reshape(n_blocks, s.n_heads, s.head_dim_vo, x.shape[-1])
         if name in ("q_bias", "k_bias", "v_bias"):
-            return x.reshape(s.axis_size(BLOCK_AXES[name][0]), -1)
+            return x.reshape(n_blocks, s.axis_size(BLOCK_AXES[name][0]), -1)
         return x
 
     def _from_canonical(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if name in ("q", "k", "v"):
-            return x.permute(1, 0, 2).reshape(x.shape[1], -1)
-        if name == "o":
-            return x.reshape(-1, x.shape[-1])
-        if name in ("q_bias", "k_bias", "v_bias"):
-            return x.reshape(-1)
+            return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+        if name in ("o", "q_bias", "k_bias", "v_bias"):
+            return x.reshape(x.shape[0], -1, *x.shape[3:])
         return x
 
     @staticmethod
     def _as_matrix(layout: str, w: torch.Tensor) -> torch.Tensor:
-        return w if layout in ("conv1d", "vector") else w.T
+        return w if layout in ("conv1d", "vector") else w.transpose(-1, -2)
 
     # -- the two directions ----------------------------------------------------------------------
     def read(self, source: Callable[[ParamHandle], torch.Tensor] | None = None) -> WeightSpace:
         """The canonical weight space of the parameters, or of any per-parameter tensors ``source(handle)``
-        in parameter layout (gradients, optimizer moments)."""
+        in parameter layout (gradients, optimizer moments). Each kind of block parameter is converted once,
+        stacked over the blocks: per-op overhead dominates on small models and grows with depth."""
         source = source or ParamHandle.read
-        per_name: dict[str, list[torch.Tensor]] = {}
+        tensors = {}
         for bp in self.block_params:
-            for handle in bp.handles:
-                m = self._as_matrix(bp.rule.layout, source(handle))
-                for part, x in zip(bp.rule.parts, self._split(m, bp.rule.parts)):
-                    per_name.setdefault(part, []).append(self._to_canonical(part, x))
-        tensors = {k: torch.stack(v).contiguous() for k, v in per_name.items()}
+            stacked = self._as_matrix(bp.rule.layout, torch.stack([source(h) for h in bp.handles]))
+            for part, x in zip(bp.rule.parts, self._split(stacked, bp.rule.parts)):
+                x = self._to_canonical(part, x)  # the parts of one fused parameter get memory of their own
+                tensors[part] = x.clone(memory_format=torch.contiguous_format) if len(bp.rule.parts) > 1 \
+                    else x.contiguous()
         tensors.update({name: source(h).clone() for name, h in self.outer.items()})
         return WeightSpace(self.spec, tensors)
 
@@ -100,10 +100,9 @@ class Binding:
             raise ValueError(f"expected one weight space, got batch shape {ws.batch_shape}; index it first")
         out: list[tuple[ParamHandle, torch.Tensor]] = []
         for bp in self.block_params:
-            for i, handle in enumerate(bp.handles):
-                pieces = [self._from_canonical(p, ws[p][i]) for p in bp.rule.parts]
-                m = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-                out.append((handle, self._as_matrix(bp.rule.layout, m)))
+            pieces = [self._from_canonical(p, ws[p]) for p in bp.rule.parts]
+            stacked = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+            out += zip(bp.handles, self._as_matrix(bp.rule.layout, stacked).unbind(0))
         if not blocks_only:
             out += [(h, ws[name]) for name, h in self.outer.items()]
         return out

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 HEAD_DIM_AXIS = {"q": -1, "k": -1, "v": -1, "o": -2, "q_bias": -1, "k_bias": -1, "v_bias": -1}
 HEAD_DAMPING = 1e-2  # added to a head's unit-mean covariance spectrum before the inverse square root
 INPUTS = ("weight", "grad", "momentum", "adam_direction")
+Tensors = dict[str, torch.Tensor]
 
 
 def bounded(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -82,17 +83,30 @@ def head_covariance(name: str, g: torch.Tensor) -> torch.Tensor:
     return rows.transpose(-1, -2) @ rows / rows.shape[-2]
 
 
-def whiten(name: str, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """x @ (cov / mean eigenvalue + HEAD_DAMPING)^(-1/2) along the head dimension (a matrix function of cov, so
-    it commutes with orthogonal head maps). Normalising to mean eigenvalue 1 makes it scale-free: it reshapes
-    the step across the head's directions without changing its overall size; a zero covariance leaves x as is."""
-    c = cov.double()
-    mean = c.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
-    c = torch.where(mean > 0, c / torch.where(mean > 0, mean, 1.0), eye)
-    evals, evecs = torch.linalg.eigh(c)
-    inv_sqrt = (evecs * (evals.clamp_min(0) + HEAD_DAMPING).rsqrt().unsqueeze(-2)) @ evecs.transpose(-1, -2)
-    inv_sqrt = torch.where(mean > 0, inv_sqrt, eye)
+def head_inverse_sqrt(covs: Tensors) -> Tensors:
+    """(cov / mean eigenvalue + HEAD_DAMPING)^(-1/2) of every head covariance [..., d, d] (a matrix function of
+    cov, so it commutes with orthogonal head maps). Normalising to mean eigenvalue 1 makes whitening scale-free:
+    it reshapes a step across the head's directions without changing its overall size; a zero covariance gives
+    the identity. One batched eigendecomposition per head size: on small models per-call overhead dominates."""
+    by_size: dict[int, list[str]] = {}
+    for name, cov in covs.items():
+        by_size.setdefault(cov.shape[-1], []).append(name)
+    out = {}
+    for d, names in by_size.items():
+        c = torch.cat([covs[n].reshape(-1, d, d) for n in names]).double()
+        mean = c.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+        eye = torch.eye(d, dtype=c.dtype, device=c.device)
+        c = torch.where(mean > 0, c / torch.where(mean > 0, mean, 1.0), eye)
+        evals, evecs = torch.linalg.eigh(c)
+        inv_sqrt = (evecs * (evals.clamp_min(0) + HEAD_DAMPING).rsqrt().unsqueeze(-2)) @ evecs.transpose(-1, -2)
+        inv_sqrt = torch.where(mean > 0, inv_sqrt, eye)
+        pieces = inv_sqrt.split([covs[n][..., 0, 0].numel() for n in names])
+        out.update({n: piece.reshape(covs[n].shape) for n, piece in zip(names, pieces)})
+    return out
+
+
+def whiten(name: str, x: torch.Tensor, inv_sqrt: torch.Tensor) -> torch.Tensor:
+    """x @ inv_sqrt along the head dimension (inv_sqrt from `head_inverse_sqrt`)."""
     return _from_head_rows(name, _head_rows(name, x) @ inv_sqrt.to(x.dtype))
 
 
@@ -294,8 +308,6 @@ class NFNOptimizer(torch.optim.Optimizer):
         return loss
 
 
-Tensors = dict[str, torch.Tensor]
-
 
 def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: WeightSpace, exp_avg: WeightSpace,
                  exp_avg_sq: WeightSpace, head_cov: Tensors, step: int, lr: float, betas: tuple[float, float],
@@ -327,7 +339,8 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
     for n in (n for n in names if n in HEAD_DIM_AXIS):  # no bias correction: whitening is scale-free
         new_cov = head_covariance(n, grads[n])
         cov[n] = new_cov * (1 - beta2) + (head_cov[n] * beta2 if n in head_cov else 0.0)
-        direction[n] = whiten(n, direction[n], cov[n])
+    for n, inv_sqrt in head_inverse_sqrt(cov).items():
+        direction[n] = whiten(n, direction[n], inv_sqrt)
     if learned is not None:
         dtype = next(learned.parameters()).dtype
         as_ws = lambda blocks, like: WeightSpace(like.spec, {**like.tensors, **blocks})  # noqa: E731

@@ -11,7 +11,8 @@ import torch
 
 from model_factories import build
 from nfn_plugins import SymmetryGroup, extract_weights, load_weights
-from nfn_plugins.optim import LearnedUpdate, NFNOptimizer, block_update, head_covariance, whiten
+from nfn_plugins.optim import (LearnedUpdate, NFNOptimizer, block_update, head_covariance, head_inverse_sqrt,
+                               whiten)
 
 
 def _loss(model, inputs) -> torch.Tensor:
@@ -69,6 +70,10 @@ def test_plain_adam_is_not_equivariant_under_head_rotations(exact_float64):
     assert float((extract_weights(moved)["q"] - expected["q"]).abs().max() / expected["q"].abs().max()) > 1e-3
 
 
+def _whitened(name: str, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    return whiten(name, x, head_inverse_sqrt({name: cov})[name])
+
+
 @pytest.mark.parametrize("name,shape", [("q", (3, 2, 7, 4)), ("o", (3, 2, 4, 7)), ("v_bias", (3, 2, 4))])
 def test_head_whitening_commutes_with_orthogonal_head_maps(name, shape):
     """whiten(x R, cov(g R)) = whiten(x, cov(g)) R per head, R random orthogonal (float64); q-like tensors carry
@@ -83,9 +88,9 @@ def test_head_whitening_commutes_with_orthogonal_head_maps(name, shape):
         act = lambda t: rot.transpose(-1, -2) @ t  # noqa: E731
     else:
         act = lambda t: t @ rot  # noqa: E731
-    moved = whiten(name, act(x), head_covariance(name, act(g)))
-    assert torch.allclose(moved, act(whiten(name, x, head_covariance(name, g))), atol=1e-12)
-    assert not torch.allclose(whiten(name, x, head_covariance(name, g)), x, atol=1e-3)  # it does something
+    moved = _whitened(name, act(x), head_covariance(name, act(g)))
+    assert torch.allclose(moved, act(_whitened(name, x, head_covariance(name, g))), atol=1e-12)
+    assert not torch.allclose(_whitened(name, x, head_covariance(name, g)), x, atol=1e-3)  # it does something
 
 
 def test_head_whitening_equalises_a_heads_directions_and_keeps_its_scale():
@@ -95,11 +100,27 @@ def test_head_whitening_equalises_a_heads_directions_and_keeps_its_scale():
     basis = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))[0]
     rows = torch.randn(1, 1, 4000, 4, generator=gen, dtype=torch.float64) * torch.tensor([6.0, 3.0, 2.0, 1.0]) @ basis.T
     cov = head_covariance("q", rows)
-    out = whiten("q", rows, cov)
+    out = _whitened("q", rows, cov)
     spectrum = torch.linalg.eigvalsh(head_covariance("q", out)[0, 0])
     assert float(spectrum.max() / spectrum.min()) < 1.2 < float(torch.linalg.cond(cov[0, 0]))
     assert 0.9 < float(out.square().mean() / rows.square().mean()) < 1.1  # reshaped, not resized
-    assert torch.equal(whiten("q", rows, torch.zeros_like(cov)), rows)
+    assert torch.equal(_whitened("q", rows, torch.zeros_like(cov)), rows)
+
+
+def test_head_inverse_sqrt_batches_covariances_exactly_as_one_at_a_time():
+    """One eigendecomposition per head size for all per-head tensors gives bit-identical whiteners to one call
+    per tensor, with two head sizes and a zero covariance (a frozen tensor's) in the batch."""
+    gen = torch.Generator().manual_seed(0)
+    def cov(*shape):
+        return head_covariance("q", torch.randn(*shape, generator=gen, dtype=torch.float64))
+    covs = {"q": cov(2, 3, 5, 4), "k": cov(2, 3, 6, 4), "v": cov(2, 3, 5, 6), "o": torch.zeros(2, 3, 6, 6),
+            "q_bias": cov(2, 3, 1, 4)}
+    batched = head_inverse_sqrt(covs)
+    assert batched.keys() == covs.keys()
+    for name, c in covs.items():
+        assert torch.equal(batched[name], head_inverse_sqrt({name: c})[name]), name
+    assert torch.equal(batched["o"], torch.eye(6, dtype=torch.float64).expand(2, 3, 6, 6))
+    assert not torch.allclose(batched["q"], torch.eye(4, dtype=torch.float64))
 
 
 def test_untrained_learned_update_equals_equivariant_adam():
