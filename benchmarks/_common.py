@@ -51,8 +51,9 @@ def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """``indent=None`` for files dominated by long number lists (loss curves): a line per number doubles them."""
+    write_atomic(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
 def save_figure_atomic(fig, path: str | os.PathLike, **kwargs) -> None:

@@ -16,9 +16,12 @@ memory relative to AdamW. Writes benchmarks/results/optimizer.{json,md} and opti
 Choosing the NFN optimizer's lr and correction horizon on tasks from the meta-training distribution (never on
 the held-out ones; the ranking table at the end of the report):
 
-    python benchmarks/optimizer.py --learned runs/lopt/learned --name optimizer_validation --seeds 1000,1001 \
+    python benchmarks/optimizer.py --learned runs/lopt/learned --name optimizer_validation_a --seeds 1000,1001 \
         --tasks val-D16-H2-L1,val-D24-H4-L2,val-D32-H2-L2,val-D32-H4-L1 --nfn-lr 2e-3,3e-3,5e-3 \
         --correction-horizon 25,50,100
+
+then grids around its best cell (`_b`, `_c`; recipes/README.md), reported together with
+`--combine optimizer_validation_a,optimizer_validation_b,optimizer_validation_c --name optimizer_validation`.
 """
 
 from __future__ import annotations
@@ -190,8 +193,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     learned = LearnedUpdate.from_pretrained(args.learned)
     if args.combine:
-        rows = [r for stem in args.combine.split(",") for r in json.loads((RESULTS / f"{stem}.json").read_text())["runs"]]
-        return _report(rows, args, learned)
+        return _report(combine_runs(args.combine.split(",")), args, learned)
     keep_freed_memory()  # for every optimizer alike: MiniLM-sized NFN steps would page-fault their tensors anew
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,14 +219,28 @@ def main(argv=None) -> int:
                       flush=True)
                 rows.append(r)
                 write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
-                                                                  "runs": rows})  # partial results survive a crash
+                                                                  "runs": rows}, indent=None)  # partial results survive a crash
     return _report(rows, args, learned)
+
+
+def combine_runs(stems: list[str]) -> list[dict]:
+    """The runs of several result files; a run repeated in another file (say the baselines of a grid extended
+    in a second invocation) is kept once, after checking it repeats exactly (runs are deterministic)."""
+    rows: dict[tuple, dict] = {}
+    for stem in stems:
+        for r in json.loads((RESULTS / f"{stem}.json").read_text())["runs"]:
+            key = (r["task"], r["seed"], r["optimizer"], r["lr"], r["horizon"])
+            if key in rows and rows[key]["curve"] != r["curve"]:
+                raise ValueError(f"{stem}.json repeats run {key} with a different loss curve: the files come from "
+                                 "different code or settings and cannot be reported together")
+            rows.setdefault(key, r)
+    return list(rows.values())
 
 
 def _report(rows: list[dict], args, learned: LearnedUpdate) -> int:
     summary = summarize(rows)
     write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
-                                                      "summary": summary, "runs": rows})
+                                                      "summary": summary, "runs": rows}, indent=None)
     write_atomic(RESULTS / f"{args.name}.md", markdown(summary, rows, args, learned))
     plot([r for r in rows if r["seed"] == rows[0]["seed"]], RESULTS / f"{args.name}_curves.png")
     return 0
@@ -284,8 +300,9 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
     learned_meta = learned.meta
     mc = learned_meta.get("meta_config", {})
     seeds = sorted({r["seed"] for r in rows})
-    lr_text = (f"NFN optimizer and equivariant Adam at lr {args.nfn_lr} (the learned update's validated lr: "
-               f"{learned.recommended_lr:g})" if args.nfn_lr else
+    lrs = sorted({r["lr"] for r in rows if r["optimizer"] in ("nfn", "equivariant-adam") and r["task"] != "minilm-finetune"})
+    lr_text = (f"NFN optimizer and equivariant Adam at lr {', '.join(f'{x:g}' for x in lrs)} (the learned update's "
+               f"validated lr: {learned.recommended_lr:g})" if lrs != [learned.recommended_lr] else
                f"NFN optimizer and equivariant Adam at the learned update's validated lr {learned.recommended_lr:g}")
     lines = [
         "# Learned equivariant optimizer vs AdamW", "",
@@ -319,16 +336,20 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
     ranking = rank_configurations(rows)
     if len(ranking) > len({c["optimizer"] for c in ranking}):  # a grid of lrs or horizons: rank it
         lines += ["", "Configurations of the NFN optimizer and equivariant Adam ranked by mean log final loss over "
-                  "tasks and seeds (how the shipped update's lr and horizon are chosen on validation tasks):", "",
-                  "| optimizer | lr | horizon | mean log final loss | vs tuned AdamW (mean log ratio) | median steps to "
-                  "AdamW final |", "|---|---|---|---|---|---|"]
+                  "tasks and seeds, those run on more task-seeds first (how the shipped update's lr and horizon are "
+                  "chosen on validation tasks):", "",
+                  "| optimizer | lr | horizon | task-seeds | mean log final loss | vs tuned AdamW (mean log ratio) | "
+                  "median steps to AdamW final |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {c['optimizer']} | {c['lr']:g} | {'' if c['horizon'] is None else format(c['horizon'], 'g')} | "
-                  f"{c['mean_log_loss']:.4f} | {c['vs_adamw']:+.3f} | {c['median_steps'] or '-'} |" for c in ranking]
+                  f"{c['task_seeds']} | {c['mean_log_loss']:.4f} | {c['vs_adamw']:+.3f} | {c['median_steps'] or '-'} |"
+                  for c in ranking]
     return "\n".join(lines) + "\n"
 
 
 def rank_configurations(rows: list[dict]) -> list[dict]:
-    """(optimizer, lr, horizon) of our optimizers, best first by mean log final loss over every task and seed."""
+    """(optimizer, lr, horizon) of our optimizers, best first by mean log final loss over every task and seed.
+    Configurations run on more task-seeds (a second round of seeds on the best cells) rank above the rest:
+    means over different runs do not compare."""
     best = tuned_adamw(rows)
     configs: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -338,11 +359,11 @@ def rank_configurations(rows: list[dict]) -> list[dict]:
     for (kind, lr, horizon), runs in configs.items():
         ref = [best[(r["task"], r["seed"])]["final_loss"] for r in runs]
         reach = [steps_to_reach(r["curve"], b) for r, b in zip(runs, ref)]
-        ranking.append({"optimizer": kind, "lr": lr, "horizon": horizon,
+        ranking.append({"optimizer": kind, "lr": lr, "horizon": horizon, "task_seeds": len(runs),
                         "mean_log_loss": statistics.mean(math.log(r["final_loss"]) for r in runs),
                         "vs_adamw": statistics.mean(math.log(r["final_loss"] / b) for r, b in zip(runs, ref)),
                         "median_steps": _median_steps(reach)})
-    return sorted(ranking, key=lambda c: c["mean_log_loss"])
+    return sorted(ranking, key=lambda c: (-c["task_seeds"], c["mean_log_loss"]))
 
 
 def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> None:
