@@ -265,7 +265,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         if r["optimizer"] == "adamw" and r is not best[(r["task"], r["seed"])]:
             continue
         kind = "adamw (tuned)" if r["optimizer"] == "adamw" else r["optimizer"]
-        key = (r["task"], kind, None if kind == "adamw (tuned)" else r["lr"], r.get("horizon"))
+        key = (r["task"], kind, None if kind == "adamw (tuned)" else r["lr"], r["horizon"])
         groups.setdefault(key, []).append(r)
     out = []
     for (task, kind, _, horizon), runs in groups.items():
@@ -354,7 +354,7 @@ def rank_configurations(rows: list[dict]) -> list[dict]:
     configs: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["optimizer"] in ("nfn", "equivariant-adam"):
-            configs.setdefault((r["optimizer"], r["lr"], r.get("horizon")), []).append(r)
+            configs.setdefault((r["optimizer"], r["lr"], r["horizon"]), []).append(r)
     ranking = []
     for (kind, lr, horizon), runs in configs.items():
         ref = [best[(r["task"], r["seed"])]["final_loss"] for r in runs]
@@ -389,7 +389,7 @@ def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> Non
                 label = f"adamw {r['lr']:g}" + (" (tuned)" if r is best else "")
             else:
                 style, label = styles[r["optimizer"]], f"{r['optimizer']} {r['lr']:g}"
-                label += f" H{r['horizon']:g}" if r.get("horizon") is not None else ""
+                label += f" H{r['horizon']:g}" if r["horizon"] is not None else ""
             ax.plot(r["curve"], label=label, **style)
         ax.set_title(task)
         ax.set_xlabel("step")

@@ -100,7 +100,7 @@ def head_inverse_sqrt(covs: Tensors) -> Tensors:
         evals, evecs = torch.linalg.eigh(c)
         inv_sqrt = (evecs * (evals.clamp_min(0) + HEAD_DAMPING).rsqrt().unsqueeze(-2)) @ evecs.transpose(-1, -2)
         inv_sqrt = torch.where(mean > 0, inv_sqrt, eye)
-        pieces = inv_sqrt.split([covs[n][..., 0, 0].numel() for n in names])
+        pieces = inv_sqrt.split([math.prod(covs[n].shape[:-2]) for n in names])
         out.update({n: piece.reshape(covs[n].shape) for n, piece in zip(names, pieces)})
     return out
 
@@ -306,7 +306,6 @@ class NFNOptimizer(torch.optim.Optimizer):
         if self.base is not None:
             self.base.step()
         return loss
-
 
 
 def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: WeightSpace, exp_avg: WeightSpace,
