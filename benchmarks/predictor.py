@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -35,12 +36,13 @@ from nfn_plugins.baselines import (  # noqa: E402
     predict_gbt,
     statnn_features,
 )
-from nfn_plugins.metrics import regression_report  # noqa: E402
+from nfn_plugins.metrics import label_noise_ceiling, regression_report  # noqa: E402
 from nfn_plugins.predictor import AccuracyPredictor, FitConfig, PredictorConfig, as_groups  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("ours", "ours-scale-head", "scale-mlp", "paper-nfn", "statnn", "gbt", "gbt-invariant", "flat-mlp")
+RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick")  # --resume
 OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2)}  # the shipped config first
 
 
@@ -115,12 +117,14 @@ def run_method(method: str, train, val, test, seed: int, epochs: int,
     return regression_report(pred, y), pred, n_params, time.perf_counter() - t0
 
 
-def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs: int,
-                  augment: bool = True) -> list[dict]:
+def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs: int, rows: list[dict],
+                  save: Callable[[], None], augment: bool = True) -> None:
+    """Appends a row per (cut-off, seed, method) to ``rows`` and saves after each; rows already there (a resumed
+    run) are kept and not re-run."""
     zoo = Zoo.open(path).filter(finite=True)
     epoch = epoch or max(zoo.epochs)
     single_arch = len(zoo.arch_keys) == 1
-    rows = []
+    done = {(r["zoo"], r["cutoff"], r["seed"], r["method"]) for r in rows}
     for cutoff in cutoffs:
         sub = zoo.filter(epoch=epoch, min_test_acc=cutoff / 100)
         for seed in seeds:
@@ -132,6 +136,8 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
                     continue  # the other baselines need one fixed architecture
                 if method == "paper-nfn" and train[0][0].spec.family != "zoo":
                     continue
+                if (Path(path).name, cutoff, seed, method) in done:
+                    continue
                 metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs, augment)
                 row = {"zoo": Path(path).name, "epoch": epoch, "cutoff": cutoff, "seed": seed, "method": method,
                        **metrics, "params": n_params, "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
@@ -141,11 +147,29 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
                 print(f"[predictor] {row['zoo']} cut {cutoff}% seed {seed} {method:<9} tau {metrics['kendall_tau']:.3f} "
                       f"R2 {metrics['r2']:.3f} L1 {metrics['l1']:.4f} ({seconds:.0f} s)", flush=True)
                 rows.append(row)
+                save()
+
+
+def label_ceilings(path: str, epoch: int | None, cutoffs, seeds) -> list[dict]:
+    """Per test split: the tau a perfect predictor could reach, given the labels' test-set sampling noise."""
+    zoo = Zoo.open(path).filter(finite=True)
+    n_eval = zoo.config.eval_test_size
+    epoch = epoch or max(zoo.epochs)
+    rows = []
+    for cutoff in cutoffs:
+        sub = zoo.filter(epoch=epoch, min_test_acc=cutoff / 100)
+        for seed in seeds:
+            test = sub.split(seed=seed)[2]
+            if len(test) >= 2:
+                rows.append({"zoo": Path(path).name, "cutoff": cutoff, "seed": seed, "n_test": len(test),
+                             "n_eval": n_eval, "ceiling": label_noise_ceiling(test.labels(), n_eval)})
     return rows
 
 
-def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, methods, augment: bool = True) -> list[dict]:
-    """Train on every width but the widest, test on the widest (HF zoos); our predictors only."""
+def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, methods, rows: list[dict],
+                        save: Callable[[], None], augment: bool = True) -> None:
+    """Train on every width but the widest, test on the widest (HF zoos); our predictors only. Appends to
+    ``rows`` and saves after each row, skipping rows already there."""
     zoo = Zoo.open(path).filter(finite=True)
     zoo = zoo.filter(epoch=epoch or max(zoo.epochs))
     widths = sorted({r["arch"]["d_model"] for r in zoo.records})
@@ -153,10 +177,12 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, method
         return []
     wide = zoo.filter(where=lambda r: r["arch"]["d_model"] == widths[-1])
     narrow = zoo.filter(where=lambda r: r["arch"]["d_model"] < widths[-1])
-    rows = []
     if not any(m in OURS for m in methods):
         raise SystemExit(f"--ood-zoo runs only our predictors {tuple(OURS)}; --methods has neither")
+    done = {(r["zoo"], r.get("method", "ours"), r["seed"]) for r in rows}
     for method, seed in ((m, s) for m in methods if m in OURS for s in seeds):
+        if (Path(path).name, method, seed) in done:
+            continue
         train, val, _ = narrow.split((0.85, 0.15, 0.0), seed=seed)
         torch.manual_seed(seed)
         model = AccuracyPredictor(OURS[method])
@@ -165,8 +191,8 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, method
         rows.append({"zoo": Path(path).name, "method": method, "seed": seed, "train_widths": widths[:-1],
                      "test_width": widths[-1], **m})
         print(f"[predictor] OOD {Path(path).name} widths {widths[:-1]} -> {widths[-1]} {method} seed {seed}: "
-              f"tau {m['kendall_tau']:.3f}")
-    return rows
+              f"tau {m['kendall_tau']:.3f}", flush=True)
+        save()
 
 
 def _mean_std(values):
@@ -177,7 +203,7 @@ def _mean_std(values):
     return (statistics.mean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
-def markdown(rows, ood, args) -> str:
+def markdown(rows, ood, ceilings, args) -> str:
     lines = ["# Accuracy prediction from weights", "",
              f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
              f"by member, seeds {args.seeds}, {args.epochs} training epochs for every neural method (each keeps "
@@ -197,9 +223,21 @@ def markdown(rows, ood, args) -> str:
         lines.append(f"| {zoo} | {cutoff}% | {method} | {tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} | "
                      f"{l1[0]:.4f} | {sel[0]['params']:,} | {statistics.mean(r['train_seconds'] for r in sel):.0f} | "
                      f"{sel[0]['n_train']}/{sel[0]['n_test']} |")
+    if ceilings:
+        lines += ["", "## How far ranking can go: the labels' own noise", "",
+                  "A label is test accuracy on a fixed subset of test examples, a binomial estimate. The ceiling is "
+                  "the Kendall tau of a perfect predictor of every model's expected accuracy against such labels "
+                  "(the measured labels stand in for the expected ones and are re-measured binomially, 100 draws; "
+                  "mean over the seeds' test splits). Crowded labels (many members at chance) lower it.", "",
+                  "| zoo | cut-off | test members | examples per label | ceiling tau |", "|---|---|---|---|---|"]
+        for zoo, cutoff in dict.fromkeys((c["zoo"], c["cutoff"]) for c in ceilings):
+            sel = [c for c in ceilings if (c["zoo"], c["cutoff"]) == (zoo, cutoff)]
+            lines.append(f"| {zoo} | {cutoff}% | {sel[0]['n_test']} | {sel[0]['n_eval']} | "
+                         f"{statistics.mean(c['ceiling'] for c in sel):.3f} |")
     if args.combine:
-        lines += ["", f"Rows merged from the runs {', '.join(args.combine)} (same zoos, splits and seeds; baseline "
-                      "rows may come from an earlier run than ours when only ours changed)."]
+        lines += ["", f"Rows merged from the runs {', '.join(args.combine)} (same splits and seeds; baseline "
+                      "rows may come from an earlier run than ours when only ours changed; where two runs have a "
+                      "zoo and method in common, the later run's rows are kept)."]
     empty = [c for c in args.cutoffs if c not in {r["cutoff"] for r in rows}]
     if empty:
         lines += ["", f"Cut-offs with too few members to split (no row above): {', '.join(f'{c}%' for c in empty)}."]
@@ -237,6 +275,18 @@ def scatter(rows, name: str) -> None:
     save_figure_atomic(fig, RESULTS / f"{name}_scatter.png", dpi=110)
 
 
+def _latest(saved: list[dict], key: str) -> list[dict]:
+    """The rows of several runs; a later run's rows replace an earlier run's for the same zoo and method
+    (e.g. a zoo re-run after it grew)."""
+    latest: dict[tuple, list[dict]] = {}
+    for run in saved:
+        mine: dict[tuple, list[dict]] = {}
+        for r in run[key]:
+            mine.setdefault((r["zoo"], r.get("method", "ours")), []).append(r)
+        latest.update(mine)
+    return [r for rs in latest.values() for r in rs]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", action="append", default=[], help="zoo folder (repeatable)")
@@ -248,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--no-augment", action="store_true", help="ours without group augmentation (an ablation)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an interrupted run of the same --name and settings; run only the rest")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and the plot from the existing .json")
     p.add_argument("--name", default="predictor", help="results file stem in benchmarks/results/")
     p.add_argument("--combine", type=lambda s: s.split(","), default=[],
@@ -259,33 +311,45 @@ def main(argv=None) -> int:
         for key, value in saved[0]["args"].items():
             if key not in ("name", "combine", "report_only", "zoo", "ood_zoo"):
                 setattr(args, key, value)
-        rows = sorted((r for s in saved for r in s["rows"]),  # stable: seeds keep their order
+        rows = sorted(_latest(saved, "rows"),  # stable: seeds keep their order
                       key=lambda r: (r["zoo"], r["cutoff"], METHODS.index(r["method"])))
-        ood = [r for s in saved for r in s["ood"]]
+        ood = _latest(saved, "ood")
+        zoos = {Path(z).name: z for s in saved for z in s["args"]["zoo"]}.values()  # the latest path per zoo name
+        benchmarked = {(r["zoo"], r["cutoff"]) for r in rows}
+        ceilings = [c for z in zoos for c in label_ceilings(z, args.epoch, args.cutoffs, args.seeds)
+                    if (c["zoo"], c["cutoff"]) in benchmarked]
         if args.combine:
             write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),
-                                                              "combined_from": args.combine, "rows": rows, "ood": ood})
-        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, args))
+                                                              "combined_from": args.combine, "rows": rows, "ood": ood,
+                                                              "ceilings": ceilings})
+        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, ceilings, args))
         scatter(rows, args.name)
         return 0
     if not args.zoo and not args.ood_zoo:
         p.error("give at least one --zoo or --ood-zoo (or --report-only)")
     if args.quick:
         args.cutoffs, args.seeds, args.epochs = [0], [0], 3
-    rows: list[dict] = []
-    ood: list[dict] = []
+    out = RESULTS / f"{args.name}.json"
+    previous = json.loads(out.read_text()) if args.resume and out.exists() else {"rows": [], "ood": []}
+    if args.resume and out.exists():
+        changed = [k for k in RUN_SETTINGS if previous["args"].get(k) != vars(args)[k]]
+        if changed:
+            p.error(f"--resume: {out.name} was run with other settings ({', '.join(changed)}); use another --name")
+    rows: list[dict] = previous["rows"]
+    ood: list[dict] = previous["ood"]
+    ceilings: list[dict] = []
 
-    def save() -> None:  # after every zoo, so a crash keeps what is finished
-        write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args), "rows": rows,
-                                                          "ood": ood})
-        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, args))
+    def save() -> None:  # after every row: an interrupted run resumes with --resume
+        write_json_atomic(out, {"machine": machine_info(), "args": vars(args), "rows": rows,
+                                                          "ood": ood, "ceilings": ceilings})
+        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, ceilings, args))
 
     for z in args.zoo:
-        rows += benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs, not args.no_augment)
-        save()
+        ceilings += label_ceilings(z, args.epoch, args.cutoffs, args.seeds)
+        benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs, rows, save, not args.no_augment)
     for z in args.ood_zoo:
-        ood += out_of_distribution(z, args.epoch, args.seeds, args.epochs, args.methods, not args.no_augment)
-        save()
+        out_of_distribution(z, args.epoch, args.seeds, args.epochs, args.methods, ood, save, not args.no_augment)
+    save()
     scatter(rows, args.name)
     return 0
 
