@@ -22,6 +22,9 @@ the held-out ones; the ranking table at the end of the report):
 
 then grids around its best cell (`_b`, `_c`; recipes/README.md), reported together with
 `--combine optimizer_validation_a,optimizer_validation_b,optimizer_validation_c --name optimizer_validation`.
+`--base-direction adam,muon` compares the base steps (equivariant Adam, Muon's orthogonalised momentum);
+`--no-baselines` skips AdamW and Adam, for a run reported with `--combine` beside one that has them (runs are
+deterministic: a run repeated in two files is checked to be identical and kept once).
 """
 
 from __future__ import annotations
@@ -104,14 +107,20 @@ def _minilm_movies():
     return encode(perm[n_test:]), encode(perm[:n_test][:1000])
 
 
+OURS = ("nfn", "nfn-muon", "equivariant-adam", "equivariant-muon")  # the base direction is in the name
+LEARNED_KINDS = ("nfn", "nfn-muon", "nfn-never-fading")  # runs of a learned update: their rows name it
+BASE_OF = {"nfn": "adam", "nfn-muon": "muon", "equivariant-adam": "adam", "equivariant-muon": "muon"}
+
+
 def _make_optimizer(kind: str, model: nn.Module, lr: float, learned: LearnedUpdate | None,
                     correction_horizon: float | None = None):
-    if kind == "nfn":
-        return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=correction_horizon)
+    if kind in ("nfn", "nfn-muon"):
+        return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=correction_horizon,
+                            base_direction=BASE_OF[kind])
     if kind == "nfn-never-fading":  # the same learned update with its correction at full strength throughout
         return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=math.inf)
-    if kind == "equivariant-adam":
-        return NFNOptimizer(model, lr=lr, weight_decay=0.0)
+    if kind in ("equivariant-adam", "equivariant-muon"):  # the base step alone
+        return NFNOptimizer(model, lr=lr, weight_decay=0.0, base_direction=BASE_OF[kind])
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     return torch.optim.Adam(model.parameters(), lr=lr)
@@ -133,7 +142,7 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
             schedule: str = "constant", correction_horizon: float | None = None) -> dict:
     model, (x, y), (xt, yt), forward = _task(task, seed)
     opt = _make_optimizer(kind, model, lr, learned, correction_horizon)
-    horizon = getattr(opt, "correction_horizon", None) if kind == "nfn" else None
+    horizon = getattr(opt, "correction_horizon", None) if kind in ("nfn", "nfn-muon") else None
     # "linear": lr decays linearly to 0 over the budget (the Hugging Face Trainer's default), for every optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps) if schedule == "linear" else None
     gen = torch.Generator().manual_seed(seed)
@@ -178,6 +187,13 @@ def main(argv=None) -> int:
                         "meta-training distribution (for choosing the NFN optimizer's lr, with seeds >= 1000)")
     p.add_argument("--nfn-lr", help="comma-separated lrs for the NFN optimizer and equivariant Adam (default: the "
                    "learned update's validated lr, `recommended_lr` in its metadata)")
+    p.add_argument("--base-direction", help="comma-separated base steps for the NFN optimizer and the base alone "
+                   "(adam: runs `nfn` and `equivariant-adam`; muon: `nfn-muon` and `equivariant-muon`; default: the "
+                   "learned update's validated one)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip AdamW and Adam and write only the runs' JSON (report with --combine and a run that has them)")
+    p.add_argument("--no-base-alone", action="store_true",
+                   help="skip the base steps alone (`equivariant-*`), e.g. when validating a new learned update")
     p.add_argument("--seeds", default="100", help="comma-separated; every optimizer runs every task with each")
     p.add_argument("--quick", action="store_true", help="100 steps, two tasks, for smoke tests")
     p.add_argument("--name", default="optimizer", help="results file stem in benchmarks/results/")
@@ -201,26 +217,33 @@ def main(argv=None) -> int:
         args.steps, args.minilm_steps, args.tasks = 100, 10, "mnist-new-seeds,movies-bert"
     nfn_lrs = [float(x) for x in args.nfn_lr.split(",")] if args.nfn_lr else [learned.recommended_lr]
     horizons = [float(x) for x in args.correction_horizon.split(",")] if args.correction_horizon else [None]
+    bases = args.base_direction.split(",") if args.base_direction else [learned.base_direction]
+    if not set(bases) <= {"adam", "muon"}:
+        p.error(f"--base-direction takes adam and/or muon, got {args.base_direction!r}")
     rows: list[dict] = []
     for seed in (int(x) for x in args.seeds.split(",")):
         for task in args.tasks.split(","):
             minilm = task == "minilm-finetune"
             steps = args.minilm_steps if minilm else args.steps
             lrs = [3e-5] if minilm else nfn_lrs
-            runs = [("adamw", lr) for lr in (MINILM_ADAMW_GRID if minilm else ADAMW_GRID)] + [("adam-default", 1e-3)]
-            runs += [("equivariant-adam", lr) for lr in lrs] + [("nfn", lr, h) for lr in lrs for h in horizons]
+            runs = [] if args.no_baselines else [("adamw", lr) for lr in (MINILM_ADAMW_GRID if minilm else ADAMW_GRID)]
+            runs += [] if args.no_baselines else [("adam-default", 1e-3)]
+            runs += [] if args.no_base_alone else [(f"equivariant-{b}", lr) for b in bases for lr in lrs]
+            runs += [("nfn" if b == "adam" else "nfn-muon", lr, h) for b in bases for lr in lrs for h in horizons]
             if args.compare_never_fading:
                 runs += [("nfn-never-fading", lr) for lr in lrs]
             for kind, lr, *horizon in runs:
                 r = run_one(task, kind, lr, steps, seed, learned, schedule=args.schedule,
                             correction_horizon=horizon[0] if horizon else None)
+                if kind in LEARNED_KINDS:
+                    r["learned"] = args.learned
                 print(f"[optimizer] {task:<16} seed {seed} {kind:<17} lr={lr:<7g} final {r['final_loss']:.4f} "
                       f"acc {r['test_acc']:.3f} step {1e3 * r['step_s']:.1f} ms (opt {1e3 * r['opt_step_s']:.1f} ms)",
                       flush=True)
                 rows.append(r)
                 write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
                                                                   "runs": rows}, indent=None)  # partial results survive a crash
-    return _report(rows, args, learned)
+    return 0 if args.no_baselines else _report(rows, args, learned)
 
 
 def combine_runs(stems: list[str]) -> list[dict]:
@@ -228,8 +251,11 @@ def combine_runs(stems: list[str]) -> list[dict]:
     in a second invocation) is kept once, after checking it repeats exactly (runs are deterministic)."""
     rows: dict[tuple, dict] = {}
     for stem in stems:
-        for r in json.loads((RESULTS / f"{stem}.json").read_text())["runs"]:
-            key = (r["task"], r["seed"], r["optimizer"], r["lr"], r["horizon"])
+        saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        for r in saved["runs"]:
+            if r["optimizer"] in LEARNED_KINDS:
+                r.setdefault("learned", saved["args"]["learned"])  # files from before rows named it
+            key = (r["task"], r["seed"], r["optimizer"], r.get("learned"), r["lr"], r["horizon"])
             if key in rows and rows[key]["curve"] != r["curve"]:
                 raise ValueError(f"{stem}.json repeats run {key} with a different loss curve: the files come from "
                                  "different code or settings and cannot be reported together")
@@ -242,7 +268,12 @@ def _report(rows: list[dict], args, learned: LearnedUpdate) -> int:
     write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
                                                       "summary": summary, "runs": rows}, indent=None)
     write_atomic(RESULTS / f"{args.name}.md", markdown(summary, rows, args, learned))
-    plot([r for r in rows if r["seed"] == rows[0]["seed"]], RESULTS / f"{args.name}_curves.png")
+    best = {}  # a grid plots each of our optimizers at its best-ranked lr and horizon only
+    for c in rank_configurations(rows):
+        best.setdefault(c["optimizer"], (c["optimizer"], c["lr"], c["horizon"]))
+    shown = [r for r in rows if r["seed"] == rows[0]["seed"]
+             and (r["optimizer"] not in OURS or (_label(r), r["lr"], r["horizon"]) in best.values())]
+    plot(shown, RESULTS / f"{args.name}_curves.png")
     return 0
 
 
@@ -264,7 +295,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["optimizer"] == "adamw" and r is not best[(r["task"], r["seed"])]:
             continue
-        kind = "adamw (tuned)" if r["optimizer"] == "adamw" else r["optimizer"]
+        kind = "adamw (tuned)" if r["optimizer"] == "adamw" else _label(r)
         key = (r["task"], kind, None if kind == "adamw (tuned)" else r["lr"], r["horizon"])
         groups.setdefault(key, []).append(r)
     out = []
@@ -290,6 +321,11 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _label(r: dict) -> str:
+    """The optimizer, with the learned update it ran (reports may combine several)."""
+    return f"{r['optimizer']} ({r['learned']})" if r.get("learned") else r["optimizer"]
+
+
 def _median_steps(reach: list[int | None]) -> float | None:
     """Median over seeds, a seed that never reached counting as beyond the budget (None if that is the median)."""
     value = statistics.median([math.inf if x is None else x for x in reach])
@@ -300,16 +336,18 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
     learned_meta = learned.meta
     mc = learned_meta.get("meta_config", {})
     seeds = sorted({r["seed"] for r in rows})
-    lrs = sorted({r["lr"] for r in rows if r["optimizer"] in ("nfn", "equivariant-adam") and r["task"] != "minilm-finetune"})
-    lr_text = (f"NFN optimizer and equivariant Adam at lr {', '.join(f'{x:g}' for x in lrs)} (the learned update's "
-               f"validated lr: {learned.recommended_lr:g})" if lrs != [learned.recommended_lr] else
-               f"NFN optimizer and equivariant Adam at the learned update's validated lr {learned.recommended_lr:g}")
+    lrs = sorted({r["lr"] for r in rows if r["optimizer"] in OURS and r["task"] != "minilm-finetune"})
+    lr_text = (f"NFN optimizer and its base step alone at lr {', '.join(f'{x:g}' for x in lrs)} (the learned "
+               f"update's validated lr: {learned.recommended_lr:g})" if lrs != [learned.recommended_lr] else
+               f"NFN optimizer and its base step alone at the learned update's validated lr {learned.recommended_lr:g}")
     lines = [
         "# Learned equivariant optimizer vs AdamW", "",
         f"Learned update: `{args.learned}` (meta-trained {learned_meta.get('truncations', '?')} truncations in "
         f"{learned_meta.get('minutes', 0):.0f} min on tasks of {mc.get('task_steps', '?')} steps); {lr_text}, not "
         "tuned per task; the learned correction at full strength for H steps (the `horizon` column), fading "
-        "linearly to 0 at step 2H (then equivariant Adam; the NFN no longer runs); AdamW lr tuned per "
+        "linearly to 0 at step 2H (then the base step alone; the NFN no longer runs). Base steps: `nfn` and "
+        "`equivariant-adam` use equivariant Adam, `nfn-muon` and `equivariant-muon` Muon's orthogonalised momentum "
+        f"for the block matrices (the shipped update's: {learned.base_direction}). AdamW lr tuned per "
         f"task and seed on {ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Learning-rate "
         f"schedule for every optimizer: {args.schedule}{' (decay to 0 over the budget)' if args.schedule == 'linear' else ''}. "
         f"Seeds {', '.join(map(str, seeds))} (model init and batches); means over seeds. "
@@ -335,7 +373,7 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
             f"{s['opt_step_early_ms']:.1f} | {s['state_memory_vs_adamw']:.2f}x |")
     ranking = rank_configurations(rows)
     if len(ranking) > len({c["optimizer"] for c in ranking}):  # a grid of lrs or horizons: rank it
-        lines += ["", "Configurations of the NFN optimizer and equivariant Adam ranked by mean log final loss over "
+        lines += ["", "Configurations of the NFN optimizer and its base steps ranked by mean log final loss over "
                   "tasks and seeds, those run on more task-seeds first (how the shipped update's lr and horizon are "
                   "chosen on validation tasks):", "",
                   "| optimizer | lr | horizon | task-seeds | mean log final loss | vs tuned AdamW (mean log ratio) | "
@@ -353,8 +391,8 @@ def rank_configurations(rows: list[dict]) -> list[dict]:
     best = tuned_adamw(rows)
     configs: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["optimizer"] in ("nfn", "equivariant-adam"):
-            configs.setdefault((r["optimizer"], r["lr"], r["horizon"]), []).append(r)
+        if r["optimizer"] in OURS:
+            configs.setdefault((_label(r), r["lr"], r["horizon"]), []).append(r)
     ranking = []
     for (kind, lr, horizon), runs in configs.items():
         ref = [best[(r["task"], r["seed"])]["final_loss"] for r in runs]
@@ -367,7 +405,8 @@ def rank_configurations(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> None:
-    """Loss curves per task: tuned AdamW bold, the rest of its grid faint, ours in colour."""
+    """Loss curves per task: tuned AdamW bold, the rest of its grid faint, ours in colour (at each one's
+    best-ranked lr and horizon when a grid ran)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,9 +414,12 @@ def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> Non
 
     styles = {"adam-default": dict(color="tab:red", ls=":", lw=1.2),
               "equivariant-adam": dict(color="tab:blue", ls="-", lw=1.2),
+              "equivariant-muon": dict(color="tab:green", ls="-", lw=1.2),
               "nfn": dict(color="tab:purple", ls="-", lw=1.8),
+              "nfn-muon": dict(color="tab:orange", ls="-", lw=1.8),
               "nfn-never-fading": dict(color="tab:purple", ls="--", lw=1.0)}
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    updates = list(dict.fromkeys(r["learned"] for r in rows if r.get("learned"))) or [None]
     tuned = tuned_adamw(rows)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -388,7 +430,9 @@ def plot(rows: list[dict], path: Path = RESULTS / "optimizer_curves.png") -> Non
                 style = dict(color="black", lw=1.6) if r is best else dict(color="grey", lw=0.7, alpha=0.5)
                 label = f"adamw {r['lr']:g}" + (" (tuned)" if r is best else "")
             else:
-                style, label = styles[r["optimizer"]], f"{r['optimizer']} {r['lr']:g}"
+                style, label = dict(styles[r["optimizer"]]), f"{_label(r)} {r['lr']:g}"
+                if r.get("learned") not in (None, updates[0]):  # another learned update than the first: dashed
+                    style["ls"] = "--"
                 label += f" H{r['horizon']:g}" if r["horizon"] is not None else ""
             ax.plot(r["curve"], label=label, **style)
         ax.set_title(task)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .extract import Binding, bind
-from .optim import LearnedUpdate, block_update
+from .optim import BASE_DIRECTIONS, LearnedUpdate, block_update
 from .weight_space import WeightSpace
 
 
@@ -44,6 +44,7 @@ class MetaConfig:
     heads: tuple[int, ...] = (2, 4)
     depths: tuple[int, ...] = (1, 2)
     lr_range: tuple[float, float] = (3e-4, 3e-3)
+    base_direction: str = "adam"  # the base step the correction learns to improve (see NFNOptimizer)
     batch_size: int = 64
     train_subset: int = 20_000
     meta_lr: float = 3e-3
@@ -75,6 +76,7 @@ class Task:
         self.head_cov: dict[str, torch.Tensor] = {}
         self.t = 0
         self.data, self.gen, self.batch_size = data, gen, cfg.batch_size
+        self.base_direction = cfg.base_direction
 
     def loss(self, weights: WeightSpace) -> torch.Tensor:
         x, y = self.data
@@ -94,7 +96,8 @@ class Task:
         self.t += 1
         with torch.set_grad_enabled(track):
             new_blocks, m, v, self.head_cov = block_update(learned, weights, grads, self.m, self.v, self.head_cov,
-                                                           self.t, self.lr, (0.9, 0.999), 1e-8, 0.0)
+                                                           self.t, self.lr, (0.9, 0.999), 1e-8, 0.0,
+                                                           base_direction=self.base_direction)
         new = dict(new_blocks)
         m_all, v_all = dict(self.m.tensors), dict(self.v.tensors)
         m_all.update({n: x.detach() for n, x in m.items()})
@@ -132,6 +135,7 @@ def meta_train(out: str | os.PathLike, cfg: MetaConfig | None = None, progress: 
     torch.manual_seed(cfg.seed)
     learned = (LearnedUpdate.from_pretrained(cfg.init) if cfg.init
                else LearnedUpdate(channels=cfg.channels, hidden=cfg.hidden, n_layers=cfg.n_layers))
+    learned.meta = {}  # an init's validated lr, horizon and base step belong to it, not to what training makes of it
     meta_opt = torch.optim.Adam(learned.parameters(), lr=cfg.meta_lr)
     state_file, log_file = out / "meta_state.pt", out / "log.jsonl"
     done, elapsed = 0, 0.0
@@ -200,7 +204,12 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--sparse-every must be >= 1 and --dense-steps >= 0, "
                          f"got {args.sparse_every} and {args.dense_steps}")
     cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init, dense_steps=args.dense_steps,
-                     sparse_every=args.sparse_every, n_layers=args.layers)
+                     sparse_every=args.sparse_every, n_layers=args.layers, base_direction=args.base_direction)
+    if args.lr_range:
+        lo, hi = (float(x) for x in args.lr_range.split(","))
+        if not 0 < lo <= hi:
+            raise SystemExit(f"--lr-range must be MIN,MAX with 0 < MIN <= MAX, got {args.lr_range!r}")
+        cfg.lr_range = (lo, hi)
     if args.task_steps:
         lo, hi = (int(x) for x in args.task_steps.split(","))
         if not 0 < lo <= hi:
@@ -227,6 +236,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--init", help="start from this learned update (directory or shipped name)")
     m.add_argument("--task-steps", help="MIN,MAX training steps per task (default 40,240); longer tasks "
                    "meta-train for longer training runs")
+    m.add_argument("--base-direction", choices=BASE_DIRECTIONS, default=MetaConfig.base_direction,
+                   help="the base step under the learned correction (muon: orthogonalised momentum for the matrices)")
+    m.add_argument("--lr-range", help="MIN,MAX of the tasks' learning rates, sampled log-uniformly (default 3e-4,3e-3)")
     m.add_argument("--layers", type=int, default=MetaConfig.n_layers, help="equivariant layers of a new learned update")
     m.add_argument("--dense-steps", type=int, default=MetaConfig.dense_steps,
                    help="meta-gradient step after every truncation up to this many steps into a task")

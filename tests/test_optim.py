@@ -11,8 +11,8 @@ import torch
 
 from model_factories import build
 from nfn_plugins import SymmetryGroup, extract_weights, load_weights
-from nfn_plugins.optim import (LearnedUpdate, NFNOptimizer, block_update, head_covariance, head_inverse_sqrt,
-                               whiten)
+from nfn_plugins.optim import (MUON_RMS, LearnedUpdate, NFNOptimizer, block_update, head_covariance,
+                               head_inverse_sqrt, orthogonalized, whiten)
 
 
 def _loss(model, inputs) -> torch.Tensor:
@@ -36,9 +36,11 @@ def _learned(seed: int = 0, dtype=torch.float64, n_layers: int = 2) -> LearnedUp
     return lu.to(dtype)
 
 
-@pytest.mark.parametrize("name,n_layers", [("bert", 2), ("llama_tied", 2), ("bert", 1)])
-def test_update_is_equivariant(name, n_layers, exact_float64):
-    """update(g.W, g.G) = g.update(W, G) for orthogonal head maps + permutations, learned correction active."""
+@pytest.mark.parametrize("name,n_layers,base", [("bert", 2, "adam"), ("llama_tied", 2, "adam"), ("bert", 1, "adam"),
+                                                ("bert", 2, "muon"), ("llama_tied", 2, "muon")])
+def test_update_is_equivariant(name, n_layers, base, exact_float64):
+    """update(g.W, g.G) = g.update(W, G) for orthogonal head maps + permutations, learned correction active,
+    on either base direction."""
     model, make_inputs = build(name)
     inputs = make_inputs(0)
     ws = extract_weights(model)
@@ -46,8 +48,8 @@ def test_update_is_equivariant(name, n_layers, exact_float64):
     moved = copy.deepcopy(model)
     load_weights(moved, g.act(ws))
     learned = _learned(n_layers=n_layers)
-    opt_a = NFNOptimizer(model, lr=1e-2, weight_decay=0.1, learned=learned)
-    opt_b = NFNOptimizer(moved, lr=1e-2, weight_decay=0.1, learned=learned)
+    opt_a = NFNOptimizer(model, lr=1e-2, weight_decay=0.1, learned=learned, base_direction=base)
+    opt_b = NFNOptimizer(moved, lr=1e-2, weight_decay=0.1, learned=learned, base_direction=base)
     _train(model, opt_a, inputs, 3)
     _train(moved, opt_b, inputs, 3)
     after, after_moved = extract_weights(model), extract_weights(moved)
@@ -68,6 +70,42 @@ def test_plain_adam_is_not_equivariant_under_head_rotations(exact_float64):
     _train(moved, torch.optim.Adam(moved.parameters(), lr=1e-2), inputs, 3)
     expected = g.act(extract_weights(model))
     assert float((extract_weights(moved)["q"] - expected["q"]).abs().max() / expected["q"].abs().max()) > 1e-3
+
+
+def test_orthogonalized_commutes_with_orthogonal_maps_and_equalises_singular_values():
+    """orth(A x B) = A orth(x) B for orthogonal A, B (per matrix of a stack, float64); its singular values end
+    near 1 (times the RMS scale) whatever x's spread; a stack = one matrix at a time."""
+    gen = torch.Generator().manual_seed(0)
+    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    for shape in ((3, 2, 7, 4), (3, 2, 4, 7), (2, 4, 9)):  # per-head stacks in both orientations, an MLP-like one
+        x = randn(shape) * torch.logspace(0, 2, shape[-1], dtype=torch.float64)  # spread singular values
+        a = torch.linalg.qr(randn((*shape[:-1], shape[-2])))[0]
+        b = torch.linalg.qr(randn((*shape[:-2], shape[-1], shape[-1])))[0]
+        out = orthogonalized(x)
+        assert out.shape == x.shape
+        assert torch.allclose(orthogonalized(a @ x @ b), a @ out @ b, atol=1e-12)
+        flat = x.reshape(-1, *shape[-2:])
+        assert torch.allclose(torch.stack([orthogonalized(m) for m in flat]), out.reshape(flat.shape), atol=1e-14)
+        sv = torch.linalg.svdvals(out) / (MUON_RMS * max(shape[-2:]) ** 0.5)
+        assert 0.6 < float(sv.min()) and float(sv.max()) < 1.25  # the quintic iteration's band, not exactly 1
+        assert float(torch.linalg.svdvals(x).max() / torch.linalg.svdvals(x).min()) > 10  # the input was spread
+
+
+def test_muon_base_changes_the_matrices_step_only(exact_float64):
+    """With base_direction="muon" the block matrices take a different first step from equivariant Adam's, biases
+    and norms the same one; the head covariances kept are the biases' only."""
+    model, make_inputs = build("bert")
+    inputs = make_inputs(0)
+    twins = {b: copy.deepcopy(model) for b in ("adam", "muon")}
+    opts = {b: NFNOptimizer(m, lr=1e-2, base_direction=b) for b, m in twins.items()}
+    for b, m in twins.items():
+        _train(m, opts[b], inputs, 1)  # from the same weights: the same gradients
+    after = {b: extract_weights(m) for b, m in twins.items()}
+    for name in after["adam"].spec.names:
+        same = torch.equal(after["adam"][name], after["muon"][name])
+        assert same == (name not in ("q", "k", "v", "o", "up", "down")), name
+    kept = {k for st in opts["muon"].state.values() for k in st if k.startswith("head_cov_")}
+    assert kept and all(k.endswith("_bias") for k in kept)
 
 
 def _whitened(name: str, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -195,10 +233,11 @@ def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path
         NFNOptimizer(model, learned=shipped, correction_horizon=0)
 
 
-def test_param_groups_state_dict_and_bit_identical_resume():
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_param_groups_state_dict_and_bit_identical_resume(base):
     model, make_inputs = build("llama_untied")
     inputs = make_inputs(0)
-    opt = NFNOptimizer(model, lr=1e-2, learned=_learned())
+    opt = NFNOptimizer(model, lr=1e-2, learned=_learned(), base_direction=base)
     assert [g["name"] for g in opt.param_groups] == ["nfn_blocks", "base"]
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len([p for p in model.parameters()])
@@ -208,8 +247,9 @@ def test_param_groups_state_dict_and_bit_identical_resume():
 
     resumed = copy.deepcopy(model)
     resumed.load_state_dict(saved_model)
-    opt2 = NFNOptimizer(resumed, lr=1e-2, learned=_learned())
+    opt2 = NFNOptimizer(resumed, lr=1e-2, learned=_learned())  # the saved param group brings base_direction
     opt2.load_state_dict(saved_opt)
+    assert opt2.param_groups[0]["base_direction"] == base
     assert opt2.base.param_groups[0] is opt2.param_groups[1]
     _train(resumed, opt2, inputs, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
@@ -294,6 +334,8 @@ def test_bad_arguments():
     model, _ = build("bert")
     with pytest.raises(ValueError, match="nonfinite"):
         NFNOptimizer(model, nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"base_direction must be one of \('adam', 'muon'\), got 'sgd'"):
+        NFNOptimizer(model, base_direction="sgd")
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable transformer block"):
