@@ -268,11 +268,13 @@ def _report(rows: list[dict], args, learned: LearnedUpdate) -> int:
     write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
                                                       "summary": summary, "runs": rows}, indent=None)
     write_atomic(RESULTS / f"{args.name}.md", markdown(summary, rows, args, learned))
-    best = {}  # a grid plots each of our optimizers at its best-ranked lr and horizon only
+    best = {}  # a grid plots each of our optimizers at its best-ranked lr and horizon (on tasks where it ran)
     for c in rank_configurations(rows):
         best.setdefault(c["optimizer"], (c["optimizer"], c["lr"], c["horizon"]))
-    shown = [r for r in rows if r["seed"] == rows[0]["seed"]
-             and (r["optimizer"] not in OURS or (_label(r), r["lr"], r["horizon"]) in best.values())]
+    cell = lambda r: (_label(r), r["lr"], r["horizon"])  # noqa: E731
+    ran_best = {(r["task"], _label(r)) for r in rows if r["optimizer"] in OURS and cell(r) == best[_label(r)]}
+    shown = [r for r in rows if r["seed"] == rows[0]["seed"] and (
+        r["optimizer"] not in OURS or cell(r) == best[_label(r)] or (r["task"], _label(r)) not in ran_best)]
     plot(shown, RESULTS / f"{args.name}_curves.png")
     return 0
 

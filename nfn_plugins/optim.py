@@ -2,25 +2,27 @@
 
 Block weights (per-head Q/K/V/O, MLP, norms) get
 
-    update = -lr * (adam_direction + correction) - lr * weight_decay * W
+    update = -lr * (base_direction + correction) - lr * weight_decay * W
 
-- ``adam_direction`` is Adam made equivariant under orthogonal maps of a head (plain Adam is element-wise
-  and only commutes with permutations and sign flips): the second moment is shared across each head's
-  d_k (d_v) coordinates, and the result is whitened along the head dimension by the inverse square root of
-  the head's gradient covariance (a d x d EMA, normalised to mean eigenvalue 1). Without the whitening the
-  shared second moment lets a head's dominant direction take steps up to sqrt(d) times lr, and training is
-  markedly worse than AdamW (final loss 0.50 vs 0.34 on a validation ViT at lr 3e-3); with it, on par.
-  With ``base_direction="muon"`` the block matrices (per-head Q/K/V/O, the MLP's) take Muon's direction
-  instead: the first moment, orthogonalised per matrix (`orthogonalized`). It is a matrix function of the
-  momentum, so it commutes with the same group, and on validation ViTs it trains far faster than both Adams
-  (benchmarks/results/optimizer_validation.md). Biases and norms keep equivariant Adam.
-- ``correction`` comes from a Transformer-NFN reading (weights, gradient, momentum, Adam direction) of the
+- The base direction is one of two equivariant steps (``base_direction``):
+  "adam": Adam made equivariant under orthogonal maps of a head (plain Adam is element-wise and only
+  commutes with permutations and sign flips): the second moment is shared across each head's d_k (d_v)
+  coordinates, and the result is whitened along the head dimension by the inverse square root of the head's
+  gradient covariance (a d x d EMA, normalised to mean eigenvalue 1). Without the whitening the shared second
+  moment lets a head's dominant direction take steps up to sqrt(d) times lr, and training is markedly worse
+  than AdamW (final loss 0.50 vs 0.34 on a validation ViT at lr 3e-3); with it, on par.
+  "muon": the block matrices (per-head Q/K/V/O, the MLP's) take Muon's direction instead, the first moment
+  orthogonalised per matrix (`orthogonalized`); biases and norms keep equivariant Adam. A matrix function of
+  the momentum, it commutes with the same group; on validation ViTs it reaches tuned AdamW's 1,000-step loss
+  in ~550 steps where equivariant Adam takes ~800 (benchmarks/results/optimizer_validation.md).
+- ``correction`` comes from a Transformer-NFN reading (weights, gradient, momentum, base direction) of the
   whole model at once; it is bounded (`bounded`) and scaled by per-tensor-type gains that start at 0, so an
-  untrained `LearnedUpdate` is exactly the equivariant Adam above.
-- The correction runs at full strength for H steps, then fades linearly to 0 at step 2H, leaving equivariant
-  Adam; after 2H the NFN is not run at all. Meta-trained on short tasks, it speeds up early training but
-  hurts late training (short-horizon bias), so H and the lr are chosen with the update on validation tasks
-  and stored in its metadata (`LearnedUpdate.horizon`, `recommended_lr`; benchmarks/optimizer.py).
+  untrained `LearnedUpdate` is exactly the base step.
+- The correction runs at full strength for H steps, then fades linearly to 0 at step 2H, leaving the base
+  step; after 2H the NFN is not run at all. Meta-trained on short tasks, it speeds up early training but
+  hurts late training (short-horizon bias), so the base step, H and the lr are chosen with the update on
+  validation tasks and stored in its metadata (`LearnedUpdate.base_direction`, `horizon`, `recommended_lr`;
+  benchmarks/optimizer.py).
 
 Equivariance group (tested in float64): stream permutations, GQA-aware head permutations, orthogonal
 maps per head on Q/K and V/O, MLP-unit permutations. Those are the symmetries under which gradients
@@ -54,7 +56,7 @@ MATRICES = ("q", "k", "v", "o", "up", "gate", "down")  # a block's weight matric
 BASE_DIRECTIONS = ("adam", "muon")
 MUON_RMS = 0.2  # Muon's step is scaled to this RMS, a typical Adam step's, so that lrs carry over
 HEAD_DAMPING = 1e-2  # added to a head's unit-mean covariance spectrum before the inverse square root
-INPUTS = ("weight", "grad", "momentum", "adam_direction")
+INPUTS = ("weight", "grad", "momentum", "base_direction")
 Tensors = dict[str, torch.Tensor]
 
 
@@ -152,7 +154,7 @@ class LearnedUpdate(checkpoints.Pretrained, nn.Module):
                            max_correction=max_correction)
         self.encoder = TransformerNFNEncoder(len(INPUTS), channels, n_layers, hidden, product_channels,
                                              final_activation=False, out_channels=1)
-        self.gain = nn.Parameter(torch.zeros(len(BLOCK_AXES)))  # per block-tensor type; 0 = plain equivariant Adam
+        self.gain = nn.Parameter(torch.zeros(len(BLOCK_AXES)))  # per block-tensor type; 0 = the base step alone
         self.max_correction = max_correction
         self.meta: dict = {}
 
@@ -190,7 +192,7 @@ class NFNOptimizer(torch.optim.Optimizer):
     Args:
         model: the model (HF, torch, PEFT-, DDP- or accelerate-wrapped).
         lr, betas, eps, weight_decay: as in AdamW, for every parameter.
-        learned: a `LearnedUpdate` (None: equivariant Adam only).
+        learned: a `LearnedUpdate` (None: the base step only).
         correction_horizon: steps H of full learned correction; it then fades linearly to 0 at step 2H.
             None: ``learned.horizon`` (validated with the update, else its meta-training task length; never
             fades if unknown); ``math.inf``: never fade.
@@ -334,7 +336,7 @@ class NFNOptimizer(torch.optim.Optimizer):
 
         step = int(self.state[group["params"][0]]["step"])
         fade = min(1.0, max(0.0, 2.0 - step / self.correction_horizon))
-        learned = self.learned if fade > 0 else None  # past 2H: plain equivariant Adam, the NFN is not run
+        learned = self.learned if fade > 0 else None  # past 2H: the base step alone, the NFN is not run
         weights, grads = b.read(), b.read(source("grad"))
         *new, covs = block_update(learned, weights, grads, b.read(source("exp_avg")), b.read(source("exp_avg_sq")),
                                   self._head_covariances(slots), step, group["lr"], group["betas"], group["eps"],
