@@ -213,8 +213,8 @@ def test_correction_fades_out_after_the_horizon():
 
 
 def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path):
-    """The shipped update's metadata carries its validated lr and horizon; without them: the meta-training
-    task length (no fade if unknown) and lr 1e-3; explicit arguments win."""
+    """The shipped update's metadata carries its validated base step, lr and horizon; without them: the Adam
+    base, the meta-training task length (no fade if unknown) and lr 1e-3; explicit arguments win."""
     model, _ = build("bert")
     shipped = LearnedUpdate.from_pretrained("vit-mnist")
     assert shipped.horizon == shipped.meta["correction_horizon"] < shipped.meta["meta_config"]["task_steps"][1]
@@ -222,12 +222,15 @@ def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path
     assert opt.correction_horizon == shipped.horizon
     assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == shipped.recommended_lr == shipped.meta["recommended_lr"]
     assert NFNOptimizer.from_pretrained("vit-mnist", model, lr=0.5).param_groups[0]["lr"] == 0.5
+    assert opt.param_groups[0]["base_direction"] == shipped.base_direction == shipped.meta["base_direction"] == "muon"
+    assert NFNOptimizer.from_pretrained("vit-mnist", model, base_direction="adam").param_groups[0]["base_direction"] == "adam"
     assert NFNOptimizer(model, learned=shipped, correction_horizon=math.inf).correction_horizon == math.inf
     unvalidated = _learned()
     unvalidated.meta = {"meta_config": {"task_steps": [40, 240]}}
     unvalidated.save_pretrained(tmp_path / "u")
     assert NFNOptimizer.from_pretrained(tmp_path / "u", model).correction_horizon == 240
     assert NFNOptimizer.from_pretrained(tmp_path / "u", model).param_groups[0]["lr"] == 1e-3
+    assert NFNOptimizer.from_pretrained(tmp_path / "u", model).param_groups[0]["base_direction"] == "adam"
     assert NFNOptimizer(model, learned=_learned()).correction_horizon == math.inf  # no metadata: never fades
     with pytest.raises(ValueError, match="correction_horizon must be a positive"):
         NFNOptimizer(model, learned=shipped, correction_horizon=0)
