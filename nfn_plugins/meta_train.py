@@ -199,6 +199,17 @@ def _checkpoint(out: Path, learned, meta_opt, done: int, elapsed: float, cfg: Me
     _atomic_json(out / "status.json", {"truncations": done, "minutes": elapsed / 60})
 
 
+def _min_max(text: str, flag: str, cast: type) -> tuple:
+    """A ``MIN,MAX`` option with 0 < MIN <= MAX, or a clear error naming the flag."""
+    try:
+        lo, hi = (cast(x) for x in text.split(","))
+    except ValueError:
+        lo = hi = None
+    if lo is None or not 0 < lo <= hi:
+        raise SystemExit(f"{flag} must be MIN,MAX with 0 < MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.sparse_every < 1 or args.dense_steps < 0:
         raise SystemExit(f"--sparse-every must be >= 1 and --dense-steps >= 0, "
@@ -206,15 +217,9 @@ def _run(args: argparse.Namespace) -> int:
     cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init, dense_steps=args.dense_steps,
                      sparse_every=args.sparse_every, n_layers=args.layers, base_direction=args.base_direction)
     if args.lr_range:
-        lo, hi = (float(x) for x in args.lr_range.split(","))
-        if not 0 < lo <= hi:
-            raise SystemExit(f"--lr-range must be MIN,MAX with 0 < MIN <= MAX, got {args.lr_range!r}")
-        cfg.lr_range = (lo, hi)
+        cfg.lr_range = _min_max(args.lr_range, "--lr-range", float)
     if args.task_steps:
-        lo, hi = (int(x) for x in args.task_steps.split(","))
-        if not 0 < lo <= hi:
-            raise SystemExit(f"--task-steps must be MIN,MAX with 0 < MIN <= MAX, got {args.task_steps!r}")
-        cfg.task_steps = (lo, hi)
+        cfg.task_steps = _min_max(args.task_steps, "--task-steps", int)
     if args.max_truncations:
         cfg.max_truncations = args.max_truncations
     if args.threads:

@@ -391,7 +391,8 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
     d_list = torch._foreach_div(torch._foreach_div(m_list, 1 - beta1**step), denom)
     m, v, direction = (dict(zip(names, xs)) for xs in (m_list, v_list, d_list))
     cov = {}
-    for n in (n for n in names if n in whitened(base_direction)):  # no bias correction: whitening is scale-free
+    whitened_parts = whitened(base_direction)
+    for n in (n for n in names if n in whitened_parts):  # no bias correction: whitening is scale-free
         new_cov = head_covariance(n, grads[n])
         cov[n] = new_cov * (1 - beta2) + (head_cov[n] * beta2 if n in head_cov else 0.0)
     for n, inv_sqrt in head_inverse_sqrt(cov).items():
