@@ -77,10 +77,12 @@ class Binding:
         return w if layout in ("conv1d", "vector") else w.transpose(-1, -2)
 
     # -- the two directions ----------------------------------------------------------------------
-    def read(self, source: Callable[[ParamHandle], torch.Tensor] | None = None) -> WeightSpace:
+    def read(self, source: Callable[[ParamHandle], torch.Tensor] | None = None,
+             blocks_only: bool = False) -> WeightSpace | dict[str, torch.Tensor]:
         """The canonical weight space of the parameters, or of any per-parameter tensors ``source(handle)``
         in parameter layout (gradients, optimizer moments). Each kind of block parameter is converted once,
-        stacked over the blocks: per-op overhead dominates on small models and grows with depth."""
+        stacked over the blocks: per-op overhead dominates on small models and grows with depth.
+        ``blocks_only``: a dict of the block tensors alone (the outer ones can be most of a model's weights)."""
         source = source or ParamHandle.read
         tensors = {}
         for bp in self.block_params:
@@ -88,7 +90,9 @@ class Binding:
             for part, x in zip(bp.rule.parts, self._split(stacked, bp.rule.parts)):
                 x = self._to_canonical(part, x)  # the parts of one fused parameter get memory of their own
                 tensors[part] = x.clone(memory_format=torch.contiguous_format) if len(bp.rule.parts) > 1 \
-                    else x.contiguous()
+                    else x
+        if blocks_only:
+            return tensors
         tensors.update({name: source(h).clone() for name, h in self.outer.items()})
         return WeightSpace(self.spec, tensors)
 

@@ -16,7 +16,8 @@ Block weights (per-head Q/K/V/O, MLP, norms) get
   the momentum, it commutes with the same group; on validation ViTs it reaches tuned AdamW's 1,000-step loss
   in ~550 steps where equivariant Adam takes ~800 (benchmarks/results/optimizer_validation.md).
 - ``correction`` comes from a Transformer-NFN reading (weights, gradient, momentum, base direction) of the
-  whole model at once; it is bounded (`bounded`) and scaled by per-tensor-type gains that start at 0, so an
+  whole model at once (the tensors outside the blocks with zero momentum and direction: their steps are the
+  base optimizer's, and meta-training feeds the same); it is bounded (`bounded`) and scaled by per-tensor-type gains that start at 0, so an
   untrained `LearnedUpdate` is exactly the base step.
 - The correction runs at full strength for H steps, then fades linearly to 0 at step 2H, leaving the base
   step; after 2H the NFN is not run at all. Meta-trained on short tasks, it speeds up early training but
@@ -128,9 +129,11 @@ def orthogonalized(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
     wide = x.shape[-2] <= x.shape[-1]
     X = x if wide else x.transpose(-1, -2)  # iterate on the smaller Gram matrix
     X = X / (X.square().sum((-2, -1), keepdim=True).sqrt() + 1e-7)
+    X = X.reshape(-1, *X.shape[-2:])  # baddbmm fuses each step's scalings and sums into its matmuls
     for _ in range(steps):
         gram = X @ X.transpose(-1, -2)
-        X = a * X + (b * gram + c * gram @ gram) @ X
+        X = torch.baddbmm(X, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
+    X = X.reshape(x.shape if wide else x.transpose(-1, -2).shape)
     X = X if wide else X.transpose(-1, -2)
     return X * (MUON_RMS * math.sqrt(max(x.shape[-2], x.shape[-1])))
 
@@ -330,15 +333,17 @@ class NFNOptimizer(torch.optim.Optimizer):
             def read(h) -> torch.Tensor:
                 if key == "grad":
                     return torch.zeros_like(h.param) if h.param.grad is None else h.param.grad.to(h.param.dtype)
-                st = self.state.get(h.param)
-                return st[key] if st and h.name not in b.outer else torch.zeros_like(h.param)
+                value = self.state.get(h.param, {}).get(key)  # .get: no state for a frozen parameter
+                return torch.zeros_like(h.param) if value is None else value
             return read
 
         step = int(self.state[group["params"][0]]["step"])
         fade = min(1.0, max(0.0, 2.0 - step / self.correction_horizon))
         learned = self.learned if fade > 0 else None  # past 2H: the base step alone, the NFN is not run
-        weights, grads = b.read(), b.read(source("grad"))
-        *new, covs = block_update(learned, weights, grads, b.read(source("exp_avg")), b.read(source("exp_avg_sq")),
+        blocks_only = learned is None  # the NFN reads the whole model; the base step only the blocks
+        weights, grads = b.read(None, blocks_only), b.read(source("grad"), blocks_only)
+        exp_avg, exp_avg_sq = (b.read(source(key), blocks_only=True) for key in ("exp_avg", "exp_avg_sq"))
+        *new, covs = block_update(learned, weights, grads, exp_avg, exp_avg_sq,
                                   self._head_covariances(slots), step, group["lr"], group["betas"], group["eps"],
                                   group["weight_decay"], fade, group["base_direction"])
         targets, values = [], []
@@ -363,15 +368,18 @@ def whitened(base_direction: str) -> tuple[str, ...]:
     return tuple(n for n in HEAD_DIM_AXIS if not (muon and n in MATRICES))
 
 
-def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: WeightSpace, exp_avg: WeightSpace,
-                 exp_avg_sq: WeightSpace, head_cov: Tensors, step: int, lr: float, betas: tuple[float, float],
+def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, grads: WeightSpace | Tensors,
+                 exp_avg: WeightSpace | Tensors, exp_avg_sq: WeightSpace | Tensors, head_cov: Tensors, step: int,
+                 lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float,
                  correction_scale: float = 1.0, base_direction: str = "adam") -> tuple[Tensors, Tensors, Tensors, Tensors]:
     """One update of the block tensors in canonical layout: (new weights, first and second moments, head
     covariances).
 
     Pure and differentiable in ``learned``'s parameters: `NFNOptimizer.step` and meta-training share it.
-    The moment weight spaces carry zeros for the outer tensors (whose moments live elsewhere); ``head_cov``
+    Only the block tensors are updated and only their moments are read (dicts of block tensors are enough);
+    ``learned`` reads the whole model's weights and gradients (weight spaces), with zeros as the momentum and
+    base direction of the tensors outside the blocks (the base optimizer's business). ``head_cov``
     maps each per-head tensor to its gradient covariance EMA [L, H, d, d] (missing: zeros, a first step).
     ``correction_scale`` multiplies the learned correction (the optimizer's fade); ``base_direction`` picks
     equivariant Adam or Muon for the block matrices (see the module docstring).
@@ -387,9 +395,11 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
                                 torch._foreach_mul(g, 1 - beta1))
     v_list = torch._foreach_add(torch._foreach_mul([exp_avg_sq[n] for n in names], beta2),
                                 torch._foreach_mul(sq, 1 - beta2))
-    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v_list, 1 - beta2**step)), eps)
-    d_list = torch._foreach_div(torch._foreach_div(m_list, 1 - beta1**step), denom)
-    m, v, direction = (dict(zip(names, xs)) for xs in (m_list, v_list, d_list))
+    m, v = dict(zip(names, m_list)), dict(zip(names, v_list))
+    muon = [n for n in names if n in MATRICES] if base_direction == "muon" else []
+    adam = [n for n in names if n not in muon]  # Adam's direction only where it is used
+    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div([v[n] for n in adam], 1 - beta2**step)), eps)
+    direction = dict(zip(adam, torch._foreach_div(torch._foreach_div([m[n] for n in adam], 1 - beta1**step), denom)))
     cov = {}
     whitened_parts = whitened(base_direction)
     for n in (n for n in names if n in whitened_parts):  # no bias correction: whitening is scale-free
@@ -397,15 +407,15 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace, grads: Wei
         cov[n] = new_cov * (1 - beta2) + (head_cov[n] * beta2 if n in head_cov else 0.0)
     for n, inv_sqrt in head_inverse_sqrt(cov).items():
         direction[n] = whiten(n, direction[n], inv_sqrt)
-    if base_direction == "muon":  # orthogonalisation is scale-free: no bias correction either
-        direction.update({n: orthogonalized(m[n]) for n in names if n in MATRICES})
+    direction.update({n: orthogonalized(m[n]) for n in muon})  # scale-free: no bias correction either
     if learned is not None:
         dtype = next(learned.parameters()).dtype
-        as_ws = lambda blocks, like: WeightSpace(like.spec, {**like.tensors, **blocks})  # noqa: E731
-        inputs = [weights, grads, as_ws(m, exp_avg), as_ws(direction, exp_avg)]
+        outer_zeros = {n: torch.zeros_like(x) for n, x in weights.items() if n not in m}
+        inputs = [weights, grads, *(WeightSpace(weights.spec, {**outer_zeros, **x}) for x in (m, direction))]
         with torch.inference_mode(not torch.is_grad_enabled()):  # in a plain step: less autograd bookkeeping
             stacked = WeightSpace.stack([x if x.dtype == dtype else x.to(dtype) for x in inputs])  # no copies if equal
             correction = learned(stacked.unsqueeze(0))
         direction = {n: direction[n] + correction_scale * correction[n].to(direction[n].dtype) for n in names}
-    new = {n: weights[n] * (1 - lr * weight_decay) - lr * direction[n] for n in names}
+    decayed = {n: weights[n] * (1 - lr * weight_decay) for n in names} if weight_decay else weights
+    new = {n: torch.add(decayed[n], direction[n], alpha=-lr) for n in names}  # one pass per tensor
     return new, m, v, cov

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from model_factories import build
-from nfn_plugins import SymmetryGroup, extract_weights, load_weights
+from nfn_plugins import SymmetryGroup, WeightSpace, extract_weights, load_weights
 from nfn_plugins.optim import (MUON_RMS, LearnedUpdate, NFNOptimizer, block_update, head_covariance,
                                head_inverse_sqrt, orthogonalized, whiten)
+from nfn_plugins.spec import BLOCK_AXES
 
 
 def _loss(model, inputs) -> torch.Tensor:
@@ -210,6 +211,24 @@ def test_correction_fades_out_after_the_horizon():
            for s in (0.0, 0.5, 1.0)}
     assert all(torch.allclose(new[0.5][k], (new[0.0][k] + new[1.0][k]) / 2, atol=1e-12) for k in new[0.5])
     assert any(not torch.equal(new[0.0][k], new[1.0][k]) for k in new[0.5])
+
+
+def test_learned_update_sees_zero_moments_outside_the_blocks():
+    """Meta-training keeps Adam moments for every tensor, the optimizer leaves the outer ones to its base
+    optimizer: the NFN must read the same inputs in both, so block_update ignores the outer moments."""
+    model, _ = build("bert")
+    ws = extract_weights(model)
+    torch.manual_seed(0)
+    grads, moments = ws.map(torch.randn_like), ws.map(torch.randn_like)
+    outer_moments = {n: x if n in BLOCK_AXES else 10 * torch.randn_like(x) for n, x in moments.items()}
+    block_moments = {n: 10 * torch.randn_like(x) if n in BLOCK_AXES else x for n, x in moments.items()}
+    learned = _learned()
+    second = moments.map(torch.square)
+    new = {case: block_update(learned, ws, grads, WeightSpace(ws.spec, m), second, {}, 3, 1e-2, (0.9, 0.999), 1e-8,
+                              0.0)[0] for case, m in (("same", moments.tensors), ("outer", outer_moments),
+                                                     ("blocks", block_moments))}
+    assert all(torch.equal(new["same"][k], new["outer"][k]) for k in new["same"])
+    assert not all(torch.allclose(new["same"][k], new["blocks"][k]) for k in new["same"])
 
 
 def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path):
