@@ -82,7 +82,9 @@ class Binding:
         """The canonical weight space of the parameters, or of any per-parameter tensors ``source(handle)``
         in parameter layout (gradients, optimizer moments). Each kind of block parameter is converted once,
         stacked over the blocks: per-op overhead dominates on small models and grows with depth.
-        ``blocks_only``: a dict of the block tensors alone (the outer ones can be most of a model's weights)."""
+        Block tensors are fresh memory but may be strided views of it (copying them contiguous would cost a
+        pass per tensor); ``blocks_only``: a dict of the block tensors alone (the outer ones, embeddings above
+        all, can be most of a model's weights)."""
         source = source or ParamHandle.read
         tensors = {}
         for bp in self.block_params:

@@ -17,8 +17,8 @@ Block weights (per-head Q/K/V/O, MLP, norms) get
   in ~550 steps where equivariant Adam takes ~800 (benchmarks/results/optimizer_validation.md).
 - ``correction`` comes from a Transformer-NFN reading (weights, gradient, momentum, base direction) of the
   whole model at once (the tensors outside the blocks with zero momentum and direction: their steps are the
-  base optimizer's, and meta-training feeds the same); it is bounded (`bounded`) and scaled by per-tensor-type gains that start at 0, so an
-  untrained `LearnedUpdate` is exactly the base step.
+  base optimizer's, and meta-training feeds the same); it is bounded (`bounded`) and scaled by
+  per-tensor-type gains that start at 0, so an untrained `LearnedUpdate` is exactly the base step.
 - The correction runs at full strength for H steps, then fades linearly to 0 at step 2H, leaving the base
   step; after 2H the NFN is not run at all. Meta-trained on short tasks, it speeds up early training but
   hurts late training (short-horizon bias), so the base step, H and the lr are chosen with the update on
@@ -370,9 +370,8 @@ def whitened(base_direction: str) -> tuple[str, ...]:
 
 def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, grads: WeightSpace | Tensors,
                  exp_avg: WeightSpace | Tensors, exp_avg_sq: WeightSpace | Tensors, head_cov: Tensors, step: int,
-                 lr: float, betas: tuple[float, float],
-                 eps: float, weight_decay: float,
-                 correction_scale: float = 1.0, base_direction: str = "adam") -> tuple[Tensors, Tensors, Tensors, Tensors]:
+                 lr: float, betas: tuple[float, float], eps: float, weight_decay: float, correction_scale: float = 1.0,
+                 base_direction: str = "adam") -> tuple[Tensors, Tensors, Tensors, Tensors]:
     """One update of the block tensors in canonical layout: (new weights, first and second moments, head
     covariances).
 
