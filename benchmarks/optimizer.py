@@ -289,10 +289,21 @@ def tuned_adamw(rows: list[dict]) -> dict[tuple[str, int], dict]:
     return best
 
 
+def adamw_step_times(rows: list[dict]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(task, seed) -> median (step s, early step s) over AdamW's lr grid: the same work per step at every lr,
+    so the median of the grid's runs is a steadier reference than the tuned run's time alone."""
+    times: dict[tuple[str, int], list[dict]] = {}
+    for r in (r for r in rows if r["optimizer"] == "adamw"):
+        times.setdefault((r["task"], r["seed"]), []).append(r)
+    return {k: (statistics.median(r["step_s"] for r in rs), statistics.median(r["step_early_s"] for r in rs))
+            for k, rs in times.items()}
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per task and optimizer (and lr, except AdamW, tuned per seed): means over seeds, and per seed the steps
     to reach the tuned AdamW's final loss of that seed."""
     best = tuned_adamw(rows)
+    adamw_times = adamw_step_times(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["optimizer"] == "adamw" and r is not best[(r["task"], r["seed"])]:
@@ -313,8 +324,9 @@ def summarize(rows: list[dict]) -> list[dict]:
             "steps_to_tuned_adamw_final": reach,
             "median_steps_to_tuned_adamw_final": _median_steps(reach),
             "budget": len(runs[0]["curve"]),
-            "step_time_vs_adamw": statistics.mean(r["step_s"] / b["step_s"] for r, b in zip(runs, ref)),
-            "step_time_early_vs_adamw": statistics.mean(r["step_early_s"] / b["step_early_s"] for r, b in zip(runs, ref)),
+            "step_time_vs_adamw": statistics.mean(r["step_s"] / adamw_times[(task, r["seed"])][0] for r in runs),
+            "step_time_early_vs_adamw": statistics.mean(r["step_early_s"] / adamw_times[(task, r["seed"])][1]
+                                                        for r in runs),
             "opt_step_ms": 1e3 * statistics.mean(r["opt_step_s"] for r in runs),
             "opt_step_early_ms": 1e3 * statistics.mean(r["opt_step_early_s"] for r in runs),
             "state_memory_vs_adamw": statistics.mean(r["state_bytes"] / max(1, b["state_bytes"])
@@ -359,7 +371,7 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
         "over seeds.", "",
         f"![loss curves]({args.name}_curves.png) (seed {seeds[0]})", "",
         "| task | optimizer | lr | horizon | final loss | test acc | steps to AdamW final: median (per seed) / budget | "
-        f"step time vs AdamW: mean / median of first {EARLY_STEPS} | optimizer step (ms): mean / median of first "
+        f"step time vs AdamW (its lr grid's median run): mean / median of first {EARLY_STEPS} | optimizer step (ms): mean / median of first "
         f"{EARLY_STEPS} | state memory vs AdamW |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -374,7 +386,10 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
             f"{s['step_time_vs_adamw']:.2f}x / {s['step_time_early_vs_adamw']:.2f}x | {s['opt_step_ms']:.1f} / "
             f"{s['opt_step_early_ms']:.1f} | {s['state_memory_vs_adamw']:.2f}x |")
     ranking = rank_configurations(rows)
-    if len(ranking) > len({c["optimizer"] for c in ranking}):  # a grid of lrs or horizons: rank it
+    cells: dict[tuple, set] = {}  # a grid of lrs or horizons on the same task and seed: rank it
+    for r in (r for r in rows if r["optimizer"] in OURS):
+        cells.setdefault((r["task"], r["seed"], _label(r)), set()).add((r["lr"], r["horizon"]))
+    if any(len(c) > 1 for c in cells.values()):
         lines += ["", "Configurations of the NFN optimizer and its base steps ranked by mean log final loss over "
                   "tasks and seeds, those run on more task-seeds first (how the shipped update's lr and horizon are "
                   "chosen on validation tasks):", "",
