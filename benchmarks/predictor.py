@@ -85,6 +85,8 @@ def run_method(method: str, train, val, test, seed: int, epochs: int,
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     spec = train[0][0].spec
+    # one architecture: statistics per block; several: pooled over blocks, one feature set for every depth
+    per_block = len({ws.spec for ws, _ in train + test}) == 1
     if method in OURS:
         model = AccuracyPredictor(OURS[method])
         model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False)
@@ -92,8 +94,6 @@ def run_method(method: str, train, val, test, seed: int, epochs: int,
         n_params = sum(p.numel() for p in model.parameters())
     elif method in ("gbt", "gbt-invariant"):
         invariant = method == "gbt-invariant"  # q, k, v, o replaced by their per-head products
-        # one architecture: statistics per block; several: pooled over blocks, one feature set for every depth
-        per_block = len({ws.spec for ws, _ in train + test}) == 1
 
         def features(groups):
             return torch.cat([statnn_features(ws, per_block, invariant=invariant) for ws, _ in groups])
@@ -102,9 +102,9 @@ def run_method(method: str, train, val, test, seed: int, epochs: int,
         pred = predict_gbt(model, features(test)).float()
         n_params = 0
     else:
-        if method != "scale-mlp" and len({ws.spec for ws, _ in train + test}) > 1:
+        if method not in ("scale-mlp", "statnn") and not per_block:
             raise ValueError(f"{method} handles one architecture only")
-        model = {"paper-nfn": lambda: PaperTransformerNFN(spec), "statnn": lambda: StatNN(spec),
+        model = {"paper-nfn": lambda: PaperTransformerNFN(spec), "statnn": lambda: StatNN(spec, per_block=per_block),
                  "scale-mlp": lambda: ScaleMLP(),
                  "flat-mlp": lambda: FlatMLP(spec, max_features=20_000, seed=seed)}[method]()
         if hasattr(model, "fit_normalizer"):
@@ -132,7 +132,7 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
             if not (train and val and test):
                 continue
             for method in methods:
-                if method not in (*OURS, "scale-mlp", "gbt", "gbt-invariant") and not single_arch:
+                if method not in (*OURS, "scale-mlp", "statnn", "gbt", "gbt-invariant") and not single_arch:
                     continue  # the other baselines need one fixed architecture
                 if method == "paper-nfn" and train[0][0].spec.family != "zoo":
                     continue
@@ -211,7 +211,9 @@ def markdown(rows, ood, ceilings, args) -> str:
              f"{'no' if args.no_augment else 'group'} augmentation and gradient-norm clipping at 1.0, a head with "
              "2 hidden layers on the pooled NFN features and log-norms; `ours-scale-head` adds a head on the "
              "standardised log-norms alone (standardising the first head's log-norms too) and zero-initialises "
-             "the first head's last layer).",
+             "the first head's last layer). On a zoo of several architectures STATNN and the GBTs read "
+             "statistics pooled over the blocks (one feature set for every width and depth); the paper's NFN "
+             "and the flat MLP need one architecture and do not run there.",
              "", *([f"![predicted vs true]({args.name}_scatter.png)", ""] if any(r["method"] == "ours" for r in rows)
                    else []),
              "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",

@@ -206,6 +206,19 @@ def test_statnn_model(gen):
     assert sum(p.numel() for p in model.parameters()) == (model.n_features + 1) * 16 + 17 * 16 + 17
 
 
+def test_statnn_pooled_over_blocks_reads_every_width_and_depth(gen):
+    spec = make_spec()
+    pooled, per_block = StatNN(spec, hidden=(8,), per_block=False), StatNN(spec, hidden=(8,))
+    wider, deeper = make_spec(D=12, H=3, A=10), make_spec(L=3)
+    for other in (wider, deeper):
+        assert pooled.features(rand_ws(other, (2,), gen)).shape == (2, pooled.n_features)
+    assert per_block.features(rand_ws(wider, (2,), gen)).shape == (2, per_block.n_features)
+    with pytest.raises(ValueError, match="depth"):
+        per_block.features(rand_ws(deeper, (2,), gen))
+    with pytest.raises(ValueError, match="tensor names"):
+        pooled.features(rand_ws(make_spec(outer=False), (2,), gen))
+
+
 def test_gbt_on_statnn_features(gen):
     pytest.importorskip("sklearn")
     spec = make_spec()

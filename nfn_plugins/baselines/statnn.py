@@ -159,7 +159,9 @@ class StatNN(FeatureMLP):
     """STATNN: `statnn_features` -> standardisation -> MLP.
 
     Args:
-        spec: the weight space (only its tensor names and shapes matter: F is fixed by it).
+        spec: the weight space whose feature layout (`statnn_feature_names`) the model reads: its tensor
+            names, and its depth if ``per_block``. With ``per_block=False`` (statistics pooled over the
+            blocks) one model reads every width and depth of a family.
         hidden: widths of the MLP's hidden layers.
         in_channels: channels C if the inputs have batch dims [B, C] (features are concatenated).
     """
@@ -179,8 +181,10 @@ class StatNN(FeatureMLP):
         self.per_block = per_block
 
     def features(self, ws: WeightSpace) -> torch.Tensor:
-        if ws.spec.names != self.spec.names or any(ws.spec[n].shape != self.spec[n].shape for n in self.spec.names):
-            raise ValueError("StatNN was built for a different weight space (tensor names or shapes differ)")
+        if statnn_feature_names(ws.spec, self.per_block) != statnn_feature_names(self.spec, self.per_block):
+            what = "tensor names or depth" if self.per_block else "tensor names"
+            raise ValueError(f"StatNN was built for a different weight space ({what} differ; per_block=False "
+                             "reads every width and depth of one family)")
         return self._checked(statnn_features(ws, self.per_block))
 
 
