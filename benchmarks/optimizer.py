@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--minilm-steps", type=int, default=60)
     p.add_argument("--minilm-lr", default="3e-5",
-                   help="comma-separated lrs for our optimizers on the MiniLM fine-tune (default: a common fine-tuning lr)")
+                   help="comma-separated lrs for our optimizers on the MiniLM fine-tune (default: a common "
+                        "fine-tuning lr)")
     p.add_argument("--tasks", default="mnist-new-seeds,mnist-wider,fashion,movies-bert,minilm-finetune",
                    help="comma-separated; also val-D<width>-H<heads>-L<depth>: a ViT on MNIST from the "
                         "meta-training distribution (for choosing the NFN optimizer's lr, with seeds >= 1000)")
@@ -373,8 +374,8 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
         "over seeds.", "",
         f"![loss curves]({args.name}_curves.png) (seed {seeds[0]})", "",
         "| task | optimizer | lr | horizon | final loss | test acc | steps to AdamW final: median (per seed) / budget | "
-        f"step time vs AdamW (its lr grid's median run): mean / median of first {EARLY_STEPS} | optimizer step (ms): mean / median of first "
-        f"{EARLY_STEPS} | state memory vs AdamW |",
+        f"step time vs AdamW (its lr grid's median run): mean / median of first {EARLY_STEPS} | "
+        f"optimizer step (ms): mean / median of first {EARLY_STEPS} | state memory vs AdamW |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
