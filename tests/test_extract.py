@@ -13,6 +13,7 @@ from torch import nn
 
 from model_factories import ALL_FACTORIES, EXPECTED_FAMILY, MLP_KIND, RMS_NORM, build, extra_axes, model_output, rel_err
 from nfn_plugins import BLOCK_AXES, WeightSpace, extract_weights, families, load_weights
+from nfn_plugins.extract import bind
 
 pytestmark = pytest.mark.usefixtures("exact_float64", "single_thread")
 
@@ -81,7 +82,10 @@ def test_extracted_tensors_are_copies():
     model, _ = build("bert")
     snap = _snapshot(model)
     ws = extract_weights(model)
-    for t in ws.tensors.values():
+    blocks = bind(model).read(blocks_only=True)  # what an optimizer step reads: the block tensors alone
+    assert set(blocks) == {n for n in ws.spec.names if n in BLOCK_AXES} and len(blocks) < len(ws.spec.names)
+    assert all(torch.equal(x, ws[n]) for n, x in blocks.items())
+    for t in [*ws.tensors.values(), *blocks.values()]:
         assert not t.requires_grad
         t.add_(1.0)
     _assert_state_equal(model, snap)
