@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
 
 from nfn_plugins.memory import keep_freed_memory  # noqa: E402
-from nfn_plugins.optim import LearnedUpdate, NFNOptimizer  # noqa: E402
+from nfn_plugins.optim import BASE_DIRECTIONS, LearnedUpdate, NFNOptimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -221,8 +221,8 @@ def main(argv=None) -> int:
     nfn_lrs = [float(x) for x in args.nfn_lr.split(",")] if args.nfn_lr else [learned.recommended_lr]
     horizons = [float(x) for x in args.correction_horizon.split(",")] if args.correction_horizon else [None]
     bases = args.base_direction.split(",") if args.base_direction else [learned.base_direction]
-    if not set(bases) <= {"adam", "muon"}:
-        p.error(f"--base-direction takes adam and/or muon, got {args.base_direction!r}")
+    if not set(bases) <= set(BASE_DIRECTIONS):
+        p.error(f"--base-direction takes one or more of {BASE_DIRECTIONS}, got {args.base_direction!r}")
     rows: list[dict] = []
     for seed in (int(x) for x in args.seeds.split(",")):
         for task in args.tasks.split(","):

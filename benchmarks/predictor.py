@@ -342,8 +342,8 @@ def main(argv=None) -> int:
     ceilings: list[dict] = []
 
     def save() -> None:  # after every row: an interrupted run resumes with --resume
-        write_json_atomic(out, {"machine": machine_info(), "args": vars(args), "rows": rows,
-                                                          "ood": ood, "ceilings": ceilings})
+        write_json_atomic(out, {"machine": machine_info(), "args": vars(args), "rows": rows, "ood": ood,
+                                "ceilings": ceilings})
         write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, ceilings, args))
 
     for z in args.zoo:

@@ -362,10 +362,14 @@ class NFNOptimizer(torch.optim.Optimizer):
         return loss
 
 
+def muon_parts(base_direction: str) -> tuple[str, ...]:
+    """The block tensors that take Muon's direction (none on the Adam base)."""
+    return MATRICES if _check_base_direction(base_direction) == "muon" else ()
+
+
 def whitened(base_direction: str) -> tuple[str, ...]:
     """The per-head tensors whose Adam direction is whitened (Muon's matrices need no whitening)."""
-    muon = _check_base_direction(base_direction) == "muon"
-    return tuple(n for n in HEAD_DIM_AXIS if not (muon and n in MATRICES))
+    return tuple(n for n in HEAD_DIM_AXIS if n not in muon_parts(base_direction))
 
 
 def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, grads: WeightSpace | Tensors,
@@ -395,7 +399,7 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, 
     v_list = torch._foreach_add(torch._foreach_mul([exp_avg_sq[n] for n in names], beta2),
                                 torch._foreach_mul(sq, 1 - beta2))
     m, v = dict(zip(names, m_list)), dict(zip(names, v_list))
-    muon = [n for n in names if n in MATRICES] if base_direction == "muon" else []
+    muon = [n for n in names if n in muon_parts(base_direction)]
     adam = [n for n in names if n not in muon]  # Adam's direction only where it is used
     denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div([v[n] for n in adam], 1 - beta2**step)), eps)
     direction = dict(zip(adam, torch._foreach_div(torch._foreach_div([m[n] for n in adam], 1 - beta1**step), denom)))
