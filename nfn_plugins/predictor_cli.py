@@ -1,14 +1,19 @@
-"""`nfn-plugins predictor fit`: train an `AccuracyPredictor` on one or more zoos and save it.
+"""`nfn-plugins predictor fit | evaluate`: train an `AccuracyPredictor` on zoos and save it; score one on a zoo.
 
-The recipe behind the shipped predictors (see recipes/README.md). Members are split 85/15 into
+``fit`` is the recipe behind the shipped predictors (see recipes/README.md). Members are split 85/15 into
 train/validation (by member, so no checkpoint of a validation member is seen in training); the
 validation metrics are printed per epoch and stored with the weights. Under ``accelerate launch`` each
 process trains on its share of the mini-batches (DDP).
+
+``evaluate`` scores a saved or shipped predictor on a zoo. On a zoo it was fitted on, it scores only the
+members that fit held out (the split is rebuilt from the seed stored with the weights): a score on its own
+training members would say nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -28,21 +33,29 @@ def _accelerator():
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def _run(args: argparse.Namespace) -> int:
+FIT_SPLIT = (0.85, 0.15)
+
+
+def _finite_zoo(path: str, epoch: int | None):
+    """(the zoo's name, its finite checkpoints, of one epoch if given); refuses an empty selection."""
     from .zoo import Zoo
 
+    zoo = Zoo.open(path)
+    name = zoo.config.name if zoo.config else Path(path).name
+    zoo = zoo.filter(finite=True, epoch=epoch or None)
+    if not len(zoo):
+        raise SystemExit(f"{path}: no finite checkpoints{f' at epoch {epoch}' if epoch else ''}")
+    return name, zoo
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     train, val, names = [], [], []
     for path in args.zoo:
-        zoo = Zoo.open(path)
-        names.append(zoo.config.name if zoo.config else Path(path).name)
-        zoo = zoo.filter(finite=True)
-        if args.epoch:
-            zoo = zoo.filter(epoch=args.epoch)
-        if not len(zoo):
-            raise SystemExit(f"{path}: no finite checkpoints{f' at epoch {args.epoch}' if args.epoch else ''}")
-        t, v = zoo.split((0.85, 0.15), seed=args.seed)
+        name, zoo = _finite_zoo(path, args.epoch)
+        names.append(name)
+        t, v = zoo.split(FIT_SPLIT, seed=args.seed)
         train += as_groups(t)
         val += as_groups(v)
     accelerator = _accelerator()
@@ -54,8 +67,35 @@ def _run(args: argparse.Namespace) -> int:
         summary = (f"trained on zoo(s) {zoos}{f', epoch {args.epoch}' if args.epoch else ', all epochs'}; "
                    f"validation Kendall tau {kept['val_kendall_tau']:.3f}, L1 {kept['val_l1']:.3f}")
         model.save_pretrained(args.out, summary=summary, zoos=zoos, epochs=args.epochs, seed=args.seed,
-                              history=history)
+                              fit_epoch=args.epoch, history=history)
         print(f"[predictor] saved to {args.out}: {summary}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    predictor = AccuracyPredictor.from_pretrained(args.predictor)
+    fitted_on = predictor.meta.get("zoos", "").split(", ")
+    results = []
+    for path in args.zoo:
+        name, zoo = _finite_zoo(path, None)
+        held_out_by_fit = name in fitted_on
+        if held_out_by_fit:  # the members its fit kept for validation: the same split of the same selection
+            _, fit_view = _finite_zoo(path, predictor.meta.get("fit_epoch"))
+            kept = set(fit_view.split(FIT_SPLIT, seed=predictor.meta.get("seed", 0))[1].members)
+            zoo = zoo.filter(where=lambda r: r["member"] in kept)
+        zoo = zoo.filter(epoch=args.epoch, min_test_acc=args.min_test_acc)
+        if not len(zoo):
+            raise SystemExit(f"{path}: no checkpoints left after the epoch / --min-test-acc selection")
+        report = {"zoo": name, "checkpoints": len(zoo), "members": len(zoo.members),
+                  "held_out_by_fit": held_out_by_fit, **predictor.evaluate(zoo)}
+        results.append(report)
+        scope = "members its fit held out" if held_out_by_fit else "all members (not fitted on this zoo)"
+        print(f"[predictor] {name}: {report['checkpoints']} checkpoints of {report['members']} {scope}: "
+              f"Kendall tau {report['kendall_tau']:.3f}, R2 {report['r2']:.3f}, L1 {report['l1']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
@@ -72,3 +112,12 @@ def add_parser(subparsers) -> None:
     f.add_argument("--scale-head-layers", type=int, default=PredictorConfig().scale_head_layers,
                    help="a head on the log-norms alone (PredictorConfig.scale_head_layers; 0: none)")
     f.set_defaults(func=_run)
+    e = sub.add_parser("evaluate", help="score a saved or shipped predictor on zoos (Kendall tau, R2, L1)")
+    e.add_argument("--predictor", required=True, help="a directory or a shipped name "
+                   f"({', '.join(AccuracyPredictor.available())})")
+    e.add_argument("--zoo", action="append", required=True, help="zoo folder (repeatable)")
+    e.add_argument("--epoch", type=int, help="only this checkpoint epoch (default: all)")
+    e.add_argument("--min-test-acc", type=float, help="only checkpoints at least this accurate (a cut-off)")
+    e.add_argument("--json", type=Path, help="also write the reports here")
+    e.add_argument("--threads", type=int, help="torch threads")
+    e.set_defaults(func=_evaluate)

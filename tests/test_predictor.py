@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -133,6 +134,33 @@ def test_fit_command_trains_and_saves_a_loadable_predictor(tmp_path):
     assert AccuracyPredictor.from_pretrained(tmp_path / "s").nfn.scale_norm.fitted
     with pytest.raises(SystemExit, match="no finite checkpoints at epoch 99"):
         main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "q"), "--epoch", "99"])
+
+
+def test_evaluate_command_scores_only_the_members_the_fit_held_out(tmp_path):
+    """`nfn-plugins predictor evaluate` on the zoo a predictor was fitted on: its validation members only."""
+    from nfn_plugins.cli import main
+    from nfn_plugins.predictor_cli import FIT_SPLIT
+    from nfn_plugins.zoo import Zoo, build_zoo
+    from nfn_plugins.zoo.presets import preset
+
+    build_zoo(preset("tiny"), tmp_path / "zoo", progress=False)
+    zoo = Zoo.open(tmp_path / "zoo").filter(finite=True)
+    fit = ["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "p"), "--epochs", "1"]
+    assert main(fit + ["--seed", "3"]) == 0
+    held_out = set(zoo.split(FIT_SPLIT, seed=3)[1].members)
+    assert held_out != set(zoo.split(FIT_SPLIT, seed=0)[1].members)  # the stored seed matters here
+    report_file = tmp_path / "report.json"
+    assert main(["predictor", "evaluate", "--predictor", str(tmp_path / "p"), "--zoo", str(tmp_path / "zoo"),
+                 "--json", str(report_file)]) == 0
+    (report,) = json.loads(report_file.read_text())
+    assert report["held_out_by_fit"] and report["members"] == len(held_out)
+    expected = zoo.filter(where=lambda r: r["member"] in held_out)
+    assert report["checkpoints"] == len(expected)  # every epoch
+    scores = AccuracyPredictor.from_pretrained(tmp_path / "p").evaluate(expected)
+    assert all(report[k] == pytest.approx(v) for k, v in scores.items())  # those members, not others
+    with pytest.raises(SystemExit, match="no checkpoints left"):
+        main(["predictor", "evaluate", "--predictor", str(tmp_path / "p"), "--zoo", str(tmp_path / "zoo"),
+              "--min-test-acc", "1.5"])
 
 
 def test_fit_ends_with_the_best_validation_epoch():
