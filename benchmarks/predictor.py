@@ -42,7 +42,8 @@ from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("ours", "ours-scale-head", "scale-mlp", "paper-nfn", "statnn", "gbt", "gbt-invariant", "flat-mlp")
-RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick")  # --resume
+RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick",
+                "train_all_epochs")  # --resume must match these
 OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2)}  # the shipped config first
 
 
@@ -117,8 +118,15 @@ def run_method(method: str, train, val, test, seed: int, epochs: int,
     return regression_report(pred, y), pred, n_params, time.perf_counter() - t0
 
 
+def every_epoch_of(members: Zoo, zoo: Zoo) -> Zoo:
+    """The checkpoints of every saved epoch in ``zoo`` of the members in ``members``: more training data from the
+    same members (validation and test keep the protocol's one epoch, so no test member is ever seen)."""
+    chosen = set(members.members)
+    return zoo.filter(where=lambda r: r["member"] in chosen)
+
+
 def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs: int, rows: list[dict],
-                  save: Callable[[], None], augment: bool = True) -> None:
+                  save: Callable[[], None], augment: bool = True, train_all_epochs: bool = False) -> None:
     """Appends a row per (cut-off, seed, method) to ``rows`` and saves after each; rows already there (a resumed
     run) are kept and not re-run."""
     zoo = Zoo.open(path).filter(finite=True)
@@ -128,7 +136,9 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
     for cutoff in cutoffs:
         sub = zoo.filter(epoch=epoch, min_test_acc=cutoff / 100)
         for seed in seeds:
-            train, val, test = (as_groups(z) for z in sub.split(seed=seed))
+            train, val, test = sub.split(seed=seed)
+            train, val, test = (as_groups(z) for z in (every_epoch_of(train, zoo) if train_all_epochs else train,
+                                                       val, test))
             if not (train and val and test):
                 continue
             for method in methods:
@@ -140,7 +150,7 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
                     continue
                 metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs, augment)
                 row = {"zoo": Path(path).name, "epoch": epoch, "cutoff": cutoff, "seed": seed, "method": method,
-                       **metrics, "params": n_params, "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
+                       "train_epochs": "all" if train_all_epochs else "one", **metrics, "params": n_params, "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
                        "n_test": sum(len(y) for _, y in test)}
                 if cutoff == cutoffs[0] and seed == seeds[0]:
                     row["scatter"] = {"pred": pred.tolist(), "true": torch.cat([y for _, y in test]).tolist()}
@@ -167,11 +177,11 @@ def label_ceilings(path: str, epoch: int | None, cutoffs, seeds) -> list[dict]:
 
 
 def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, methods, rows: list[dict],
-                        save: Callable[[], None], augment: bool = True) -> None:
+                        save: Callable[[], None], augment: bool = True, train_all_epochs: bool = False) -> None:
     """Train on every width but the widest, test on the widest (HF zoos); our predictors only. Appends to
     ``rows`` and saves after each row, skipping rows already there."""
-    zoo = Zoo.open(path).filter(finite=True)
-    zoo = zoo.filter(epoch=epoch or max(zoo.epochs))
+    every_epoch = Zoo.open(path).filter(finite=True)
+    zoo = every_epoch.filter(epoch=epoch or max(every_epoch.epochs))
     widths = sorted({r["arch"]["d_model"] for r in zoo.records})
     if len(widths) < 2:
         return []
@@ -184,11 +194,14 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, method
         if (Path(path).name, method, seed) in done:
             continue
         train, val, _ = narrow.split((0.85, 0.15, 0.0), seed=seed)
+        if train_all_epochs:
+            train = every_epoch_of(train, every_epoch)
         torch.manual_seed(seed)
         model = AccuracyPredictor(OURS[method])
         model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False)
         m = model.evaluate(wide)
-        rows.append({"zoo": Path(path).name, "method": method, "seed": seed, "train_widths": widths[:-1],
+        rows.append({"zoo": Path(path).name, "method": method, "seed": seed,
+                     "train_epochs": "all" if train_all_epochs else "one", "train_widths": widths[:-1],
                      "test_width": widths[-1], **m})
         print(f"[predictor] OOD {Path(path).name} widths {widths[:-1]} -> {widths[-1]} {method} seed {seed}: "
               f"tau {m['kendall_tau']:.3f}", flush=True)
@@ -213,16 +226,21 @@ def markdown(rows, ood, ceilings, args) -> str:
              "standardised log-norms alone (standardising the first head's log-norms too) and zero-initialises "
              "the first head's last layer). On a zoo of several architectures STATNN and the GBTs read "
              "statistics pooled over the blocks (one feature set for every width and depth); the paper's NFN "
-             "and the flat MLP need one architecture and do not run there.",
+             "and the flat MLP need one architecture and do not run there. `train epochs`: `one` trains on the "
+             "protocol epoch's checkpoints of the training members, `all` on the checkpoints of every saved epoch "
+             "of the same members (`--train-all-epochs`: more data, no more members; validation and test stay on "
+             "the protocol epoch, and the n train column counts checkpoints).",
              "", *([f"![predicted vs true]({args.name}_scatter.png)", ""] if any(r["method"] == "ours" for r in rows)
                    else []),
-             "| zoo | cut-off | method | Kendall tau | R2 | L1 | params | train s | n train/test |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    keys = dict.fromkeys((r["zoo"], r["cutoff"], r["method"]) for r in rows)
-    for zoo, cutoff, method in keys:
-        sel = [r for r in rows if (r["zoo"], r["cutoff"], r["method"]) == (zoo, cutoff, method)]
+             "| zoo | cut-off | method | train epochs | Kendall tau | R2 | L1 | params | train s | n train/test |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = dict.fromkeys((r["zoo"], r["cutoff"], r["method"], _train_epochs(r)) for r in rows)
+    for zoo, cutoff, method, train_epochs in keys:
+        sel = [r for r in rows if (r["zoo"], r["cutoff"], r["method"], _train_epochs(r)) == (zoo, cutoff, method,
+                                                                                             train_epochs)]
         tau, r2, l1 = (_mean_std([r[k] for r in sel]) for k in ("kendall_tau", "r2", "l1"))
-        lines.append(f"| {zoo} | {cutoff}% | {method} | {tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} | "
+        lines.append(f"| {zoo} | {cutoff}% | {method} | {train_epochs} | {tau[0]:.3f} +- {tau[1]:.3f} | "
+                     f"{r2[0]:.3f} +- {r2[1]:.3f} | "
                      f"{l1[0]:.4f} | {sel[0]['params']:,} | {statistics.mean(r['train_seconds'] for r in sel):.0f} | "
                      f"{sel[0]['n_train']}/{sel[0]['n_test']} |")
     if ceilings:
@@ -239,7 +257,7 @@ def markdown(rows, ood, ceilings, args) -> str:
     if args.combine:
         lines += ["", f"Rows merged from the runs {', '.join(args.combine)} (same splits and seeds; baseline "
                       "rows may come from an earlier run than ours when only ours changed; where two runs have a "
-                      "zoo and method in common, the later run's rows are kept)."]
+                      "zoo, method and training data in common, the later run's rows are kept)."]
     empty = [c for c in args.cutoffs if c not in {r["cutoff"] for r in rows}]
     if empty:
         lines += ["", f"Cut-offs with too few members to split (no row above): {', '.join(f'{c}%' for c in empty)}."]
@@ -248,11 +266,12 @@ def markdown(rows, ood, ceilings, args) -> str:
         lines += [f"Test splits of fewer than 30 members (tau is noise there): cut-offs {', '.join(f'{c}%' for c in small)}."]
     if ood:
         lines += ["", "## Out of distribution: train on narrower widths, test on the widest", "",
-                  "| zoo | method | train widths | test width | Kendall tau | R2 |", "|---|---|---|---|---|---|"]
-        for zoo, method in dict.fromkeys((r["zoo"], r.get("method", "ours")) for r in ood):
-            sel = [r for r in ood if (r["zoo"], r.get("method", "ours")) == (zoo, method)]
+                  "| zoo | method | train epochs | train widths | test width | Kendall tau | R2 |",
+                  "|---|---|---|---|---|---|---|"]
+        for key in dict.fromkeys(_run_key(r) for r in ood):
+            sel = [r for r in ood if _run_key(r) == key]
             tau, r2 = _mean_std([r["kendall_tau"] for r in sel]), _mean_std([r["r2"] for r in sel])
-            lines.append(f"| {zoo} | {method} | {sel[0]['train_widths']} | {sel[0]['test_width']} | "
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {sel[0]['train_widths']} | {sel[0]['test_width']} | "
                          f"{tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -277,14 +296,23 @@ def scatter(rows, name: str) -> None:
     save_figure_atomic(fig, RESULTS / f"{name}_scatter.png", dpi=110)
 
 
+def _train_epochs(row: dict) -> str:
+    return row.get("train_epochs", "one")  # rows of runs before --train-all-epochs trained on one epoch
+
+
+def _run_key(row: dict) -> tuple[str, str, str]:
+    """What a row measures: zoo, method and training data (rows of OOD runs before methods were named: ours)."""
+    return row["zoo"], row.get("method", "ours"), _train_epochs(row)
+
+
 def _latest(saved: list[dict], key: str) -> list[dict]:
-    """The rows of several runs; a later run's rows replace an earlier run's for the same zoo and method
-    (e.g. a zoo re-run after it grew)."""
+    """The rows of several runs; a later run's rows replace an earlier run's for the same zoo, method and
+    training data (e.g. a zoo re-run after it grew)."""
     latest: dict[tuple, list[dict]] = {}
     for run in saved:
         mine: dict[tuple, list[dict]] = {}
         for r in run[key]:
-            mine.setdefault((r["zoo"], r.get("method", "ours")), []).append(r)
+            mine.setdefault(_run_key(r), []).append(r)
         latest.update(mine)
     return [r for rs in latest.values() for r in rs]
 
@@ -299,6 +327,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--no-augment", action="store_true", help="ours without group augmentation (an ablation)")
+    p.add_argument("--train-all-epochs", action="store_true",
+                   help="train on every saved epoch of the training members (validation and test: one epoch)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an interrupted run of the same --name and settings; run only the rest")
@@ -314,7 +344,7 @@ def main(argv=None) -> int:
             if key not in ("name", "combine", "report_only", "zoo", "ood_zoo"):
                 setattr(args, key, value)
         rows = sorted(_latest(saved, "rows"),  # stable: seeds keep their order
-                      key=lambda r: (r["zoo"], r["cutoff"], METHODS.index(r["method"])))
+                      key=lambda r: (r["zoo"], r["cutoff"], METHODS.index(r["method"]), _train_epochs(r) == "all"))
         ood = _latest(saved, "ood")
         zoos = {Path(z).name: z for s in saved for z in s["args"]["zoo"]}.values()  # the latest path per zoo name
         benchmarked = {(r["zoo"], r["cutoff"]) for r in rows}
@@ -348,9 +378,11 @@ def main(argv=None) -> int:
 
     for z in args.zoo:
         ceilings += label_ceilings(z, args.epoch, args.cutoffs, args.seeds)
-        benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs, rows, save, not args.no_augment)
+        benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs, rows, save,
+                      not args.no_augment, args.train_all_epochs)
     for z in args.ood_zoo:
-        out_of_distribution(z, args.epoch, args.seeds, args.epochs, args.methods, ood, save, not args.no_augment)
+        out_of_distribution(z, args.epoch, args.seeds, args.epochs, args.methods, ood, save, not args.no_augment,
+                            args.train_all_epochs)
     save()
     scatter(rows, args.name)
     return 0
