@@ -22,6 +22,14 @@ def available(fmt: str) -> list[str]:
                   and json.loads((p / "config.json").read_text()).get("format") == fmt)
 
 
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """JSON to ``path`` through a temp file and a rename: a crash leaves the old file or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def save(directory: str | os.PathLike, state: dict[str, torch.Tensor], fmt: str, config: dict, meta: dict) -> None:
     """``model.safetensors`` + ``config.json`` in ``directory``, each replaced atomically."""
     from safetensors.torch import save_file
@@ -30,8 +38,7 @@ def save(directory: str | os.PathLike, state: dict[str, torch.Tensor], fmt: str,
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(d / ".model.safetensors.tmp"))
     os.replace(d / ".model.safetensors.tmp", d / "model.safetensors")
-    (d / ".config.json.tmp").write_text(json.dumps({"format": fmt, "config": config, "meta": meta}, indent=2))
-    os.replace(d / ".config.json.tmp", d / "config.json")
+    write_json_atomic(d / "config.json", {"format": fmt, "config": config, "meta": meta})
 
 
 def load(name_or_dir: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:

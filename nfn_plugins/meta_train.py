@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .checkpoints import write_json_atomic
 from .extract import Binding, bind
 from .optim import BASE_DIRECTIONS, LearnedUpdate, block_update
 from .weight_space import WeightSpace
@@ -121,12 +122,6 @@ def _load_train(cfg: MetaConfig):
     return ds.train_x[: cfg.train_subset], ds.train_y[: cfg.train_subset]
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def meta_train(out: str | os.PathLike, cfg: MetaConfig | None = None, progress: bool = True) -> LearnedUpdate:
     """Meta-train and write ``out/learned`` (the shipped format), resuming from ``out`` if it holds a run."""
     cfg = cfg or MetaConfig()
@@ -196,7 +191,7 @@ def _checkpoint(out: Path, learned, meta_opt, done: int, elapsed: float, cfg: Me
                 "elapsed": elapsed}, tmp)
     os.replace(tmp, out / "meta_state.pt")
     learned.save_pretrained(out / "learned", truncations=done, minutes=elapsed / 60, meta_config=asdict(cfg))
-    _atomic_json(out / "status.json", {"truncations": done, "minutes": elapsed / 60})
+    write_json_atomic(out / "status.json", {"truncations": done, "minutes": elapsed / 60})
 
 
 def _min_max(text: str, flag: str, cast: type) -> tuple:

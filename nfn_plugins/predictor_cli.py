@@ -13,12 +13,12 @@ training members would say nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from .checkpoints import write_json_atomic
 from .predictor import AccuracyPredictor, FitConfig, PredictorConfig, as_groups
 
 
@@ -84,10 +84,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if held_out_by_fit:  # the members its fit kept for validation: the same split of the same selection
             _, fit_view = _finite_zoo(path, predictor.meta.get("fit_epoch"))
             kept = set(fit_view.split(FIT_SPLIT, seed=predictor.meta.get("seed", 0))[1].members)
-            zoo = zoo.filter(where=lambda r: r["member"] in kept)
+            zoo = zoo.filter(where=lambda r, kept=kept: r["member"] in kept)
         zoo = zoo.filter(epoch=args.epoch, min_test_acc=args.min_test_acc)
-        if not len(zoo):
-            raise SystemExit(f"{path}: no checkpoints left after the epoch / --min-test-acc selection")
+        if len(zoo) < 2:
+            raise SystemExit(f"{path}: {len(zoo)} checkpoint(s) left after the epoch / --min-test-acc selection; "
+                             "ranking needs at least 2")
         report = {"zoo": name, "checkpoints": len(zoo), "members": len(zoo.members),
                   "held_out_by_fit": held_out_by_fit, **predictor.evaluate(zoo)}
         results.append(report)
@@ -95,7 +96,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"[predictor] {name}: {report['checkpoints']} checkpoints of {report['members']} {scope}: "
               f"Kendall tau {report['kendall_tau']:.3f}, R2 {report['r2']:.3f}, L1 {report['l1']:.3f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json_atomic(args.json, results)
     return 0
 
 

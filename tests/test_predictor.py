@@ -158,7 +158,7 @@ def test_evaluate_command_scores_only_the_members_the_fit_held_out(tmp_path):
     assert report["checkpoints"] == len(expected)  # every epoch
     scores = AccuracyPredictor.from_pretrained(tmp_path / "p").evaluate(expected)
     assert all(report[k] == pytest.approx(v) for k, v in scores.items())  # those members, not others
-    with pytest.raises(SystemExit, match="no checkpoints left"):
+    with pytest.raises(SystemExit, match=r"0 checkpoint\(s\) left"):
         main(["predictor", "evaluate", "--predictor", str(tmp_path / "p"), "--zoo", str(tmp_path / "zoo"),
               "--min-test-acc", "1.5"])
 
