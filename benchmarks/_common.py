@@ -11,6 +11,7 @@ itself peaked higher; the result says which method was used).
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import platform
@@ -18,57 +19,23 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nfn_plugins.checkpoints import write_atomic, write_json_atomic  # noqa: F401  (re-exported for the scripts)
+
 RESULT_PREFIX = "@@RESULT@@ "  # the line a child process prints its JSON result on
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# -- atomic output ------------------------------------------------------------------------------------
-def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
-    """Write a file via a temporary file in the same folder and ``os.replace``: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    """``indent=None`` for files dominated by long number lists (loss curves): a line per number doubles them."""
-    write_atomic(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
-
-
+# -- atomic output: the package's writers, and figures through them ------------------------------------
 def save_figure_atomic(fig, path: str | os.PathLike, **kwargs) -> None:
-    """``fig.savefig`` through a temporary file (format taken from the final suffix)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``fig.savefig`` rendered in memory (format taken from the suffix), then written atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip("."), **kwargs)
+    write_atomic(path, buffer.getvalue())
 
 
 # -- machine --------------------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
                     continue
                 metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs, augment)
                 row = {"zoo": Path(path).name, "epoch": epoch, "cutoff": cutoff, "seed": seed, "method": method,
-                       "train_epochs": "all" if train_all_epochs else "one", **metrics, "params": n_params, "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
+                       "train_epochs": "all" if train_all_epochs else "one", **metrics, "params": n_params,
+                       "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
                        "n_test": sum(len(y) for _, y in test)}
                 if cutoff == cutoffs[0] and seed == seeds[0]:
                     row["scatter"] = {"pred": pred.tolist(), "true": torch.cat([y for _, y in test]).tolist()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,28 @@ def available(fmt: str) -> list[str]:
                   and json.loads((p / "config.json").read_text()).get("format") == fmt)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """JSON to ``path`` through a temp file and a rename: a crash leaves the old file or the new, never half."""
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write through a unique temporary file in the same folder and ``os.replace``: a crash leaves the old file
+    or the new one, never half of one, and concurrent writers (several processes) never share a temp file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """``indent=None`` for files dominated by long number lists (loss curves): a line per number doubles them."""
+    write_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def save(directory: str | os.PathLike, state: dict[str, torch.Tensor], fmt: str, config: dict, meta: dict) -> None:

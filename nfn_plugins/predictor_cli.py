@@ -82,7 +82,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         name, zoo = _finite_zoo(path, None)
         held_out_by_fit = name in fitted_on
         if held_out_by_fit:  # the members its fit kept for validation: the same split of the same selection
-            _, fit_view = _finite_zoo(path, predictor.meta.get("fit_epoch"))
+            fit_epoch = predictor.meta.get("fit_epoch")
+            fit_view = zoo.filter(epoch=fit_epoch) if fit_epoch else zoo
             kept = set(fit_view.split(FIT_SPLIT, seed=predictor.meta.get("seed", 0))[1].members)
             zoo = zoo.filter(where=lambda r, kept=kept: r["member"] in kept)
         zoo = zoo.filter(epoch=args.epoch, min_test_acc=args.min_test_acc)
