@@ -45,6 +45,8 @@ METHODS = ("ours", "ours-scale-head", "scale-mlp", "paper-nfn", "statnn", "gbt",
 RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick",
                 "train_all_epochs")  # --resume must match these
 OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2)}  # the shipped config first
+# methods that read any width and depth (the others need one fixed architecture)
+WIDTH_AGNOSTIC = (*OURS, "scale-mlp", "statnn", "gbt", "gbt-invariant")
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -142,7 +144,7 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
             if not (train and val and test):
                 continue
             for method in methods:
-                if method not in (*OURS, "scale-mlp", "statnn", "gbt", "gbt-invariant") and not single_arch:
+                if method not in WIDTH_AGNOSTIC and not single_arch:
                     continue  # the other baselines need one fixed architecture
                 if method == "paper-nfn" and train[0][0].spec.family != "zoo":
                     continue
@@ -179,8 +181,8 @@ def label_ceilings(path: str, epoch: int | None, cutoffs, seeds) -> list[dict]:
 
 def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, methods, rows: list[dict],
                         save: Callable[[], None], augment: bool = True, train_all_epochs: bool = False) -> None:
-    """Train on every width but the widest, test on the widest (HF zoos); our predictors only. Appends to
-    ``rows`` and saves after each row, skipping rows already there."""
+    """Train on every width but the widest, test on the widest (HF zoos); the width-agnostic methods only.
+    Appends to ``rows`` and saves after each row, skipping rows already there."""
     every_epoch = Zoo.open(path).filter(finite=True)
     zoo = every_epoch.filter(epoch=epoch or max(every_epoch.epochs))
     widths = sorted({r["arch"]["d_model"] for r in zoo.records})
@@ -188,19 +190,17 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, method
         return []
     wide = zoo.filter(where=lambda r: r["arch"]["d_model"] == widths[-1])
     narrow = zoo.filter(where=lambda r: r["arch"]["d_model"] < widths[-1])
-    if not any(m in OURS for m in methods):
-        raise SystemExit(f"--ood-zoo runs only our predictors {tuple(OURS)}; --methods has neither")
+    methods = [m for m in methods if m in WIDTH_AGNOSTIC]
+    if not methods:
+        raise SystemExit(f"--ood-zoo runs only the width-agnostic methods {WIDTH_AGNOSTIC}; --methods has none")
     done = {(r["zoo"], r.get("method", "ours"), r["seed"]) for r in rows}
-    for method, seed in ((m, s) for m in methods if m in OURS for s in seeds):
+    for method, seed in ((m, s) for m in methods for s in seeds):
         if (Path(path).name, method, seed) in done:
             continue
         train, val, _ = narrow.split((0.85, 0.15, 0.0), seed=seed)
         if train_all_epochs:
             train = every_epoch_of(train, every_epoch)
-        torch.manual_seed(seed)
-        model = AccuracyPredictor(OURS[method])
-        model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False)
-        m = model.evaluate(wide)
+        m, *_ = run_method(method, *(as_groups(z) for z in (train, val, wide)), seed, epochs, augment)
         rows.append({"zoo": Path(path).name, "method": method, "seed": seed,
                      "train_epochs": "all" if train_all_epochs else "one", "train_widths": widths[:-1],
                      "test_width": widths[-1], **m})
