@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import nn
@@ -306,14 +306,14 @@ def _run_key(row: dict) -> tuple[str, str, str]:
     return row["zoo"], row.get("method", "ours"), _train_epochs(row)
 
 
-def _latest(saved: list[dict], key: str) -> list[dict]:
-    """The rows of several runs; a later run's rows replace an earlier run's for the same zoo, method and
-    training data (e.g. a zoo re-run after it grew)."""
-    latest: dict[tuple, list[dict]] = {}
+def _latest(saved: list[dict], key: str, by: Callable[[dict], Hashable] = _run_key) -> list[dict]:
+    """The rows of several runs; a later run's rows replace an earlier run's with the same ``by`` (default: zoo,
+    method and training data; e.g. a zoo re-run after it grew)."""
+    latest: dict[Hashable, list[dict]] = {}
     for run in saved:
-        mine: dict[tuple, list[dict]] = {}
-        for r in run[key]:
-            mine.setdefault(_run_key(r), []).append(r)
+        mine: dict[Hashable, list[dict]] = {}
+        for r in run.get(key, []):
+            mine.setdefault(by(r), []).append(r)
         latest.update(mine)
     return [r for rs in latest.values() for r in rs]
 
@@ -347,10 +347,8 @@ def main(argv=None) -> int:
         rows = sorted(_latest(saved, "rows"),  # stable: seeds keep their order
                       key=lambda r: (r["zoo"], r["cutoff"], METHODS.index(r["method"]), _train_epochs(r) == "all"))
         ood = _latest(saved, "ood")
-        zoos = {Path(z).name: z for s in saved for z in s["args"]["zoo"]}.values()  # the latest path per zoo name
-        benchmarked = {(r["zoo"], r["cutoff"]) for r in rows}
-        ceilings = [c for z in zoos for c in label_ceilings(z, args.epoch, args.cutoffs, args.seeds)
-                    if (c["zoo"], c["cutoff"]) in benchmarked]
+        benchmarked = {(r["zoo"], r["cutoff"]) for r in rows}  # ceilings as the runs saved them: no zoo needed
+        ceilings = [c for c in _latest(saved, "ceilings", by=lambda c: c["zoo"]) if (c["zoo"], c["cutoff"]) in benchmarked]
         if args.combine:
             write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),
                                                               "combined_from": args.combine, "rows": rows, "ood": ood,
