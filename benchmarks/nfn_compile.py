@@ -5,7 +5,8 @@ The NFN optimizer runs its NFN only while the learned correction is on (2H steps
 direction). Per model of the optimizer benchmark's held-out ViT tasks this measures, in one process and
 run: the NFN forward's median time eagerly, traced (`torch.jit.trace`, deprecated in current torch) and
 compiled (`torch.compile`, a cold cache), the time of the first 2H calls (a training run's NFN steps,
-tracing or compiling included), and the number of NFN steps after which the saving repays that cost. Results: benchmarks/results/nfn_compile.{json,md}.
+tracing or compiling included), and the number of NFN steps after which the saving repays that cost.
+Results: benchmarks/results/nfn_compile.{json,md}.
 
     python benchmarks/nfn_compile.py [--threads 1] [--repeats 50]     # ~4 min (the compiles dominate)
 """
@@ -105,12 +106,15 @@ def markdown(results: dict, nfn_steps: int) -> str:
              f"which the steady saving repays the first calls' extra cost.", "",
              f"| model | mode | forward ms | speedup | first {nfn_steps} s | break-even NFN steps | max abs diff |",
              "|---|---|---|---|---|---|---|"]
+    def break_even(r: dict) -> str:
+        if "break_even_steps" not in r:  # eager: the reference
+            return "-"
+        return "never" if r["break_even_steps"] is None else f"{r['break_even_steps']:,.0f}"
+
     for model, modes in results.items():
         for mode, r in modes.items():
-            be = r.get("break_even_steps")
             lines.append(f"| {model} | {mode} | {1000 * r['median_s']:.1f} | {r.get('speedup', 1.0):.2f}x | "
-                         f"{r['first_calls_s']:.2f} | {'-' if mode == 'eager' else ('never' if be is None else f'{be:,.0f}')} | "
-                         f"{r.get('max_abs_diff', 0.0):.1e} |")
+                         f"{r['first_calls_s']:.2f} | {break_even(r)} | {r.get('max_abs_diff', 0.0):.1e} |")
     return "\n".join(lines) + "\n"
 
 

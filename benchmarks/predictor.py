@@ -348,7 +348,8 @@ def main(argv=None) -> int:
                       key=lambda r: (r["zoo"], r["cutoff"], METHODS.index(r["method"]), _train_epochs(r) == "all"))
         ood = _latest(saved, "ood")
         benchmarked = {(r["zoo"], r["cutoff"]) for r in rows}  # ceilings as the runs saved them: no zoo needed
-        ceilings = [c for c in _latest(saved, "ceilings", by=lambda c: c["zoo"]) if (c["zoo"], c["cutoff"]) in benchmarked]
+        ceilings = [c for c in _latest(saved, "ceilings", by=lambda c: c["zoo"])
+                    if (c["zoo"], c["cutoff"]) in benchmarked]
         if args.combine:
             write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),
                                                               "combined_from": args.combine, "rows": rows, "ood": ood,

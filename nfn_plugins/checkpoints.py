@@ -49,12 +49,10 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 def save(directory: str | os.PathLike, state: dict[str, torch.Tensor], fmt: str, config: dict, meta: dict) -> None:
     """``model.safetensors`` + ``config.json`` in ``directory``, each replaced atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(d / ".model.safetensors.tmp"))
-    os.replace(d / ".model.safetensors.tmp", d / "model.safetensors")
+    write_atomic(d / "model.safetensors", to_bytes({k: v.detach().float().contiguous() for k, v in state.items()}))
     write_json_atomic(d / "config.json", {"format": fmt, "config": config, "meta": meta})
 
 
