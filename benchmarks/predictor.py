@@ -311,7 +311,10 @@ def scatter(rows, name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if "scatter" in r and r["method"] == "ours"]
+    first: dict[str, dict] = {}  # one panel per zoo: runs of more seeds save a scatter of their first split too
+    for r in sorted((r for r in rows if "scatter" in r and r["method"] == "ours"), key=lambda r: (r["cutoff"], r["seed"])):
+        first.setdefault(r["zoo"], r)
+    pts = list(first.values())
     if not pts:
         return
     fig, axes = plt.subplots(1, len(pts), figsize=(4 * len(pts), 4), squeeze=False)
