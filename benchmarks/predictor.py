@@ -312,7 +312,8 @@ def scatter(rows, name: str) -> None:
     import matplotlib.pyplot as plt
 
     first: dict[str, dict] = {}  # one panel per zoo: runs of more seeds save a scatter of their first split too
-    for r in sorted((r for r in rows if "scatter" in r and r["method"] == "ours"), key=lambda r: (r["cutoff"], r["seed"])):
+    ours = (r for r in rows if "scatter" in r and r["method"] == "ours")
+    for r in sorted(ours, key=lambda r: (r["cutoff"], r["seed"])):
         first.setdefault(r["zoo"], r)
     pts = list(first.values())
     if not pts:
