@@ -226,10 +226,10 @@ def margins(rows) -> list[str]:
                and math.isfinite(r["kendall_tau"])]
         tau = {(r["method"], r["seed"]): r["kendall_tau"] for r in sel}
         baselines = {r["method"] for r in sel} - set(OURS)
-        for method in (m for m in OURS if any(r["method"] == m for r in sel)):
+        for method in OURS:
             seeds = sorted({s for m, s in tau if m == method})
             rivals = [b for b in baselines if all((b, s) in tau for s in seeds)]
-            if not rivals or len(seeds) < 2:
+            if len(seeds) < 2 or not rivals:  # not run here, or no spread to report
                 continue
             best = max(rivals, key=lambda b: statistics.mean(tau[b, s] for s in seeds))
             diff = [tau[method, s] - tau[best, s] for s in seeds]
