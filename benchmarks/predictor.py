@@ -164,18 +164,23 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
 
 
 def label_ceilings(path: str, epoch: int | None, cutoffs, seeds) -> list[dict]:
-    """Per test split: the tau a perfect predictor could reach, given the labels' test-set sampling noise."""
+    """Per test split: the tau a perfect predictor could reach, given the labels' test-set sampling noise
+    (labels at a class frequency, those of collapsed members, are exact: see `label_noise_ceiling`)."""
     zoo = Zoo.open(path).filter(finite=True)
     n_eval = zoo.config.eval_test_size
     epoch = epoch or max(zoo.epochs)
+    at_epoch = zoo.filter(epoch=epoch)
+    collapsed = {r["member"] for r, flag in zip(at_epoch.records, at_epoch.at_class_frequency().tolist()) if flag}
     rows = []
     for cutoff in cutoffs:
-        sub = zoo.filter(epoch=epoch, min_test_acc=cutoff / 100)
+        sub = at_epoch.filter(min_test_acc=cutoff / 100)
         for seed in seeds:
             test = sub.split(seed=seed)[2]
             if len(test) >= 2:
+                exact = torch.tensor([r["member"] in collapsed for r in test.records])
                 rows.append({"zoo": Path(path).name, "cutoff": cutoff, "seed": seed, "n_test": len(test),
-                             "n_eval": n_eval, "ceiling": label_noise_ceiling(test.labels(), n_eval)})
+                             "n_eval": n_eval, "n_exact": int(exact.sum()),
+                             "ceiling": label_noise_ceiling(test.labels(), n_eval, exact=exact)})
     return rows
 
 
@@ -277,11 +282,17 @@ def markdown(rows, ood, ceilings, args) -> str:
                   "A label is test accuracy on a fixed subset of test examples, a binomial estimate. The ceiling is "
                   "the Kendall tau of a perfect predictor of every model's expected accuracy against such labels "
                   "(the measured labels stand in for the expected ones and are re-measured binomially, 100 draws; "
-                  "mean over the seeds' test splits). Crowded labels (many members at chance) lower it.", "",
-                  "| zoo | cut-off | test members | examples per label | ceiling tau |", "|---|---|---|---|---|"]
+                  "mean over the seeds' test splits). Crowded labels lower it. Labels at a class frequency of the "
+                  "test subset (`collapsed`: members that predict one class for every input) are kept exact: "
+                  "every such member scores its class's frequency on the shared subset, without noise between "
+                  "them. Ceilings of runs made before that correction (collapsed `?`) re-drew those labels too "
+                  "and understate what is reachable on zoos with many collapsed members.", "",
+                  "| zoo | cut-off | test members | collapsed | examples per label | ceiling tau |",
+                  "|---|---|---|---|---|---|"]
         for zoo, cutoff in dict.fromkeys((c["zoo"], c["cutoff"]) for c in ceilings):
             sel = [c for c in ceilings if (c["zoo"], c["cutoff"]) == (zoo, cutoff)]
-            lines.append(f"| {zoo} | {cutoff}% | {sel[0]['n_test']} | {sel[0]['n_eval']} | "
+            exact = f"{statistics.mean(c['n_exact'] for c in sel):.0f}" if all("n_exact" in c for c in sel) else "?"
+            lines.append(f"| {zoo} | {cutoff}% | {sel[0]['n_test']} | {exact} | {sel[0]['n_eval']} | "
                          f"{statistics.mean(c['ceiling'] for c in sel):.3f} |")
     if args.combine:
         lines += ["", f"Rows merged from the runs {', '.join(args.combine)} (same splits and seeds; baseline "
@@ -370,6 +381,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an interrupted run of the same --name and settings; run only the rest")
+    p.add_argument("--ceilings-only", action="store_true",
+                   help="compute only the label-noise ceilings of --zoo (for reports of runs made before a change to them)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and the plot from the existing .json")
     p.add_argument("--name", default="predictor", help="results file stem in benchmarks/results/")
     p.add_argument("--combine", type=lambda s: s.split(","), default=[],
@@ -417,6 +430,8 @@ def main(argv=None) -> int:
 
     for z in args.zoo:
         ceilings += label_ceilings(z, args.epoch, args.cutoffs, args.seeds)
+        if args.ceilings_only:
+            continue
         benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs, rows, save,
                       not args.no_augment, args.train_all_epochs)
     for z in args.ood_zoo:

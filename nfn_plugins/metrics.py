@@ -38,17 +38,29 @@ def regression_report(pred: torch.Tensor, target: torch.Tensor) -> dict[str, flo
     return {"kendall_tau": kendall_tau(pred, target), "r2": r2_score(pred, target), "l1": l1_error(pred, target)}
 
 
-def label_noise_ceiling(accuracies: torch.Tensor, n_eval: int, draws: int = 100, seed: int = 0) -> float:
+def label_noise_ceiling(accuracies: torch.Tensor, n_eval: int, draws: int = 100, seed: int = 0,
+                        exact: torch.Tensor | None = None) -> float:
     """The Kendall tau a perfect predictor could reach against accuracies measured on ``n_eval`` examples.
 
     A label is a binomial estimate of the model's expected accuracy, so even a predictor that knows every
-    expected accuracy ranks the measured labels imperfectly when many models have nearly equal accuracy
-    (e.g. a zoo with many members at chance). The measured labels stand in for the expected accuracies; each
-    draw re-measures them binomially and scores them against the originals. Returns the mean tau.
+    expected accuracy ranks the measured labels imperfectly when many models have nearly equal accuracy.
+    The measured labels stand in for the expected accuracies; each draw re-measures them binomially and
+    scores them against the originals. Returns the mean tau.
+    ``exact`` marks labels without sampling noise between models: a model that predicts one class for every
+    input (a collapsed zoo member) scores that class's frequency in the shared test subset, the same for
+    every such model, so those are kept as measured (re-drawing them would invent noise and understate the
+    ceiling).
     """
     p = accuracies.detach().double().flatten()
     if n_eval < 1 or not ((p >= 0) & (p <= 1)).all():
         raise ValueError(f"need accuracies in [0, 1] and n_eval >= 1, got n_eval={n_eval}")
+    keep = torch.zeros_like(p, dtype=torch.bool) if exact is None else exact.flatten().bool()
+    if keep.shape != p.shape:
+        raise ValueError(f"exact has {keep.numel()} entries for {p.numel()} accuracies")
     gen = torch.Generator().manual_seed(seed)
     counts = torch.full_like(p, float(n_eval))
-    return sum(kendall_tau(p, torch.binomial(counts, p, generator=gen) / n_eval) for _ in range(draws)) / draws
+
+    def measured() -> torch.Tensor:
+        return torch.where(keep, p, torch.binomial(counts, p, generator=gen) / n_eval)
+
+    return sum(kendall_tau(p, measured()) for _ in range(draws)) / draws

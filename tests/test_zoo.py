@@ -185,6 +185,15 @@ def test_build_load_split_and_labels_match_weights(tmp_path):
     with torch.no_grad():
         acc = (model(data.test_x[task.test_idx]).argmax(-1) == task.test_y).float().mean()
     assert float(acc) == pytest.approx(records[i]["test_acc"])
+    # collapsed: a checkpoint made to predict one class for every input scores that class's frequency
+    zoo = Zoo.open(tmp_path / "zoo")
+    out = model.classifier[-1]
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.copy_(torch.nn.functional.one_hot(torch.tensor(7), 10) * 10.0)
+        constant = float((model(data.test_x[task.test_idx]).argmax(-1) == task.test_y).float().mean())
+    zoo.records = [dict(records[0], test_acc=constant), dict(records[1], test_acc=1.0)]
+    assert zoo.at_class_frequency(data).tolist() == [True, False]
     # metadata table and manifest
     lines = (tmp_path / "zoo" / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 12 and json.loads(lines[0])["shard"].startswith("shard-")

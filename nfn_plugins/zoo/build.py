@@ -986,6 +986,18 @@ class Zoo:
     def labels(self, key: str = "test_acc") -> torch.Tensor:
         return torch.tensor([float("nan") if r[key] is None else r[key] for r in self.records], dtype=torch.float32)
 
+    def at_class_frequency(self, data=None) -> torch.Tensor:
+        """Per record: does its test accuracy equal one class's frequency in the evaluation subset? That is the
+        score of a collapsed member, one that predicts the same class for every input (or, rarely, a
+        coincidence). Such labels carry no sampling noise between members (`label_noise_ceiling`'s ``exact``).
+        ``data``: the dataset the zoo was built on (default: load the one its config names)."""
+        if self.config is None:
+            raise ZooError(f"{self.root} has no zoo.json: the evaluation subset is unknown")
+        test_y = TaskData(data if data is not None else _load_data(self.config), self.config).test_y
+        freqs = torch.bincount(test_y).double() / len(test_y)
+        labels = self.labels().double()
+        return ((labels[:, None] - freqs[None, :]).abs() < 0.5 / len(test_y)).any(1)
+
     def _shard_weights(self, name: str) -> WeightSpace:
         if name not in self._cache:
             self._cache[name] = read_shard(self.root / "shards" / name)[0]
