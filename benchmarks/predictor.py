@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,20 +34,32 @@ from nfn_plugins.baselines import (  # noqa: E402
     ScaleMLP,
     StatNN,
     fit_gbt,
+    make_gbt,
     predict_gbt,
     statnn_features,
 )
 from nfn_plugins.metrics import label_noise_ceiling, regression_report  # noqa: E402
-from nfn_plugins.predictor import AccuracyPredictor, FitConfig, PredictorConfig, as_groups  # noqa: E402
+from nfn_plugins.nn.collapse import class_accuracies, mix_collapsed, output_bias  # noqa: E402
+from nfn_plugins.predictor import (  # noqa: E402
+    AccuracyPredictor,
+    FitConfig,
+    PredictorConfig,
+    as_groups,
+    collapsed_masks,
+)
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ours", "ours-scale-head", "scale-mlp", "paper-nfn", "statnn", "gbt", "gbt-invariant", "flat-mlp")
+METHODS = ("ours", "ours-scale-head", "ours-collapse", "scale-mlp", "paper-nfn", "statnn", "gbt", "gbt-invariant",
+           "gbt-collapse", "flat-mlp")
+COLLAPSE = ("ours-collapse", "gbt-collapse")  # with the collapse rule (nfn_plugins/nn/collapse.py): need the masks
+SCATTERED = ("ours", "ours-collapse")  # the predicted-vs-true plot's methods
 RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick",
                 "train_all_epochs")  # --resume must match these
-OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2)}  # the shipped config first
+OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2),
+        "ours-collapse": PredictorConfig()}  # the shipped config first; ours-collapse gets the zoo's n_classes
 # methods that read any width and depth (the others need one fixed architecture)
-WIDTH_AGNOSTIC = (*OURS, "scale-mlp", "statnn", "gbt", "gbt-invariant")
+WIDTH_AGNOSTIC = (*OURS, "scale-mlp", "statnn", "gbt", "gbt-invariant", "gbt-collapse")
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -82,27 +95,34 @@ def _evaluate_module(model, groups) -> dict:
     return regression_report(_predict_module(model, groups), torch.cat([y for _, y in groups]))
 
 
-def run_method(method: str, train, val, test, seed: int, epochs: int,
-               augment: bool = True) -> tuple[dict, torch.Tensor, int, float]:
-    """(test metrics, test predictions, parameter count, training seconds)."""
+def run_method(method: str, train, val, test, seed: int, epochs: int, augment: bool = True,
+               collapsed: list[torch.Tensor] | None = None,
+               n_classes: int = 0) -> tuple[dict, torch.Tensor, int, float]:
+    """(test metrics, test predictions, parameter count, training seconds). The collapse methods need which
+    training members collapsed (``collapsed``, a mask per training group) and the zoo's ``n_classes``."""
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     spec = train[0][0].spec
     # one architecture: statistics per block; several: pooled over blocks, one feature set for every depth
     per_block = len({ws.spec for ws, _ in train + test}) == 1
+    if method in COLLAPSE and (collapsed is None or not n_classes):
+        raise ValueError(f"{method} needs the training members' collapse masks and the number of classes")
     if method in OURS:
-        model = AccuracyPredictor(OURS[method])
-        model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False)
+        model = AccuracyPredictor(replace(OURS[method], n_classes=n_classes) if method in COLLAPSE else OURS[method])
+        model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False, collapsed=collapsed)
         pred = torch.cat([model.predict(ws) for ws, _ in test])
         n_params = sum(p.numel() for p in model.parameters())
-    elif method in ("gbt", "gbt-invariant"):
-        invariant = method == "gbt-invariant"  # q, k, v, o replaced by their per-head products
+    elif method in ("gbt", "gbt-invariant", "gbt-collapse"):
+        invariant = method != "gbt"  # q, k, v, o replaced by their per-head products
 
         def features(groups):
             return torch.cat([statnn_features(ws, per_block, invariant=invariant) for ws, _ in groups])
 
-        model = fit_gbt(features(train), torch.cat([y for _, y in train]), kind="hist")
+        labels = torch.cat([y for _, y in train])
+        model = fit_gbt(features(train), labels, kind="hist")
         pred = predict_gbt(model, features(test)).float()
+        if method == "gbt-collapse":  # ours' collapse rule with a tree classifier as the gate
+            pred = _gbt_collapse(pred, features, train, test, labels, torch.cat(collapsed), n_classes)
         n_params = 0
     else:
         if method not in ("scale-mlp", "statnn") and not per_block:
@@ -118,6 +138,21 @@ def run_method(method: str, train, val, test, seed: int, epochs: int,
         n_params = sum(p.numel() for p in model.parameters())
     y = torch.cat([t for _, t in test])
     return regression_report(pred, y), pred, n_params, time.perf_counter() - t0
+
+
+def _gbt_collapse(pred, features, train, test, labels, collapsed, n_classes) -> torch.Tensor:
+    """`mix_collapsed` of the trees' predictions, gated by a tree classifier of features and output bias."""
+    def inputs(groups):
+        bias = torch.cat([output_bias(ws, n_classes) for ws, _ in groups]).float()
+        return bias, torch.cat([features(groups), bias], 1).double().numpy()
+
+    (bias_train, x_train), (bias_test, x_test) = inputs(train), inputs(test)
+    if collapsed.all() or not collapsed.any():  # one class: nothing for a classifier to learn
+        pi = torch.full_like(pred, float(collapsed[0]))
+    else:
+        gate = make_gbt("hist-classifier").fit(x_train, collapsed.numpy())
+        pi = torch.as_tensor(gate.predict_proba(x_test)[:, 1]).float()
+    return mix_collapsed(pred, pi, bias_test, class_accuracies(bias_train, labels, collapsed))
 
 
 def every_epoch_of(members: Zoo, zoo: Zoo) -> Zoo:
@@ -138,9 +173,10 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
     for cutoff in cutoffs:
         sub = zoo.filter(epoch=epoch, min_test_acc=cutoff / 100)
         for seed in seeds:
-            train, val, test = sub.split(seed=seed)
-            train, val, test = (as_groups(z) for z in (every_epoch_of(train, zoo) if train_all_epochs else train,
-                                                       val, test))
+            train_zoo, val, test = sub.split(seed=seed)
+            train_zoo = every_epoch_of(train_zoo, zoo) if train_all_epochs else train_zoo
+            train, val, test = (as_groups(z) for z in (train_zoo, val, test))
+            collapsed = collapsed_masks(train_zoo) if set(methods) & set(COLLAPSE) and train else None
             if not (train and val and test):
                 continue
             for method in methods:
@@ -150,7 +186,8 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
                     continue
                 if (Path(path).name, cutoff, seed, method) in done:
                     continue
-                metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs, augment)
+                metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs, augment,
+                                                              collapsed, zoo.records[0]["arch"]["n_classes"])
                 row = {"zoo": Path(path).name, "epoch": epoch, "cutoff": cutoff, "seed": seed, "method": method,
                        "train_epochs": "all" if train_all_epochs else "one", **metrics, "params": n_params,
                        "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
@@ -257,13 +294,17 @@ def markdown(rows, ood, ceilings, args) -> str:
              f"{'no' if args.no_augment else 'group'} augmentation and gradient-norm clipping at 1.0, a head with "
              "2 hidden layers on the pooled NFN features and log-norms; `ours-scale-head` adds a head on the "
              "standardised log-norms alone (standardising the first head's log-norms too) and zero-initialises "
-             "the first head's last layer). On a zoo of several architectures STATNN and the GBTs read "
+             "the first head's last layer; `ours-collapse` adds the collapse head: members that predict one "
+             "class for every input score that class's frequency, the class picked by the argmax of the output "
+             "bias, behind a gate trained on which training members collapsed; `gbt-collapse` is GBT-invariant "
+             "with the same rule and a tree classifier as the gate). On a zoo of several architectures STATNN "
+             "and the GBTs read "
              "statistics pooled over the blocks (one feature set for every width and depth); the paper's NFN "
              "and the flat MLP need one architecture and do not run there. `train epochs`: `one` trains on the "
              "protocol epoch's checkpoints of the training members, `all` on the checkpoints of every saved epoch "
              "of the same members (`--train-all-epochs`: more data, no more members; validation and test stay on "
              "the protocol epoch, and the n train column counts checkpoints).",
-             "", *([f"![predicted vs true]({args.name}_scatter.png)", ""] if any(r["method"] == "ours" for r in rows)
+             "", *([f"![predicted vs true]({args.name}_scatter.png)", ""] if any(r["method"] in SCATTERED for r in rows)
                    else []),
              "| zoo | cut-off | method | train epochs | splits | Kendall tau | R2 | L1 | params | train s | "
              "n train/test |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -322,18 +363,22 @@ def scatter(rows, name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first: dict[str, dict] = {}  # one panel per zoo: runs of more seeds save a scatter of their first split too
-    ours = (r for r in rows if "scatter" in r and r["method"] == "ours")
+    first: dict[tuple[str, str], dict] = {}  # a panel per zoo and ours' variant shown: a split of each run
+    ours = (r for r in rows if "scatter" in r and r["method"] in SCATTERED)
     for r in sorted(ours, key=lambda r: (r["cutoff"], r["seed"])):
-        first.setdefault(r["zoo"], r)
+        first.setdefault((r["zoo"], r["method"]), r)
     pts = list(first.values())
     if not pts:
         return
-    fig, axes = plt.subplots(1, len(pts), figsize=(4 * len(pts), 4), squeeze=False)
-    for ax, r in zip(axes[0], pts):
+    cols = min(4, len(pts))
+    rows_n = -(-len(pts) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(pts):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, pts):
         ax.scatter(r["scatter"]["true"], r["scatter"]["pred"], s=6, alpha=0.5)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set_title(f"{r['zoo']}: tau {r['kendall_tau']:.3f}")
+        ax.set_title(f"{r['zoo']}, {r['method']}, seed {r['seed']}: tau {r['kendall_tau']:.3f}", fontsize=9)
         ax.set_xlabel("true test accuracy")
         ax.set_ylabel("predicted")
     fig.tight_layout()

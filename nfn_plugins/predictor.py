@@ -3,7 +3,8 @@
 Invariant Transformer-NFN features + a small head, trained with binary cross-entropy on accuracies in
 [0, 1] (as in the paper). Symmetric copies of a network get the same prediction by construction; the
 symmetries the NFN does not build in (MLP-unit scales, RMSNorm stream signs) can be taught by
-augmentation with random group elements.
+augmentation with random group elements. With ``n_classes`` a collapse head (`nn.collapse`) ranks the
+members that predict one class for every input by the class their output bias picks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .extract import extract_weights
 from .group import SymmetryGroup
 from .metrics import regression_report
 from .nn import TransformerNFN
+from .nn.collapse import CollapseHead, output_bias
 from .nn.normalize import log_scale_features
 from .weight_space import WeightSpace
 
@@ -40,6 +42,9 @@ class PredictorConfig:
     # 2: a head on the log-scales alone, corrected by the NFN's (see TransformerNFN): tau +0.03 on held-out zoo
     # members, but worse on models trained by recipes outside the zoo (benchmarks/results/predictor_recipes.md)
     scale_head_layers: int = 0
+    # > 0: a collapse head for classifiers of this many classes (nn/collapse.py); fit needs to know which
+    # training members collapsed (a Zoo tells). mnist-paper, 0%: tau 0.668 -> see README
+    n_classes: int = 0
 
 
 @dataclass
@@ -78,6 +83,15 @@ def as_groups(data) -> list[Group]:
     return groups
 
 
+def collapsed_masks(data) -> list[torch.Tensor]:
+    """Per `as_groups` group of a Zoo: which members collapsed (`Zoo.at_class_frequency`; loads the dataset)."""
+    if not (hasattr(data, "by_arch") and hasattr(data, "at_class_frequency")):
+        raise ValueError("a predictor with a collapse head (n_classes > 0) must know which training members "
+                         "collapsed: fit on a Zoo, or pass collapsed=[a bool mask per (weights, labels) pair]")
+    flags = dict(zip(map(id, data.records), data.at_class_frequency().tolist()))
+    return [torch.tensor([flags[id(r)] for r in z.records]) for z in data.by_arch().values() if len(z)]
+
+
 def _checked_log_scales(ws: WeightSpace, chunk: int = 256) -> torch.Tensor:
     """`log_scale_features` of training weights [N] (in float32, as trained); refuses non-finite weights."""
     x = torch.cat([log_scale_features(ws.map(lambda t: t[i : i + chunk].float()).unsqueeze(1))
@@ -107,13 +121,19 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
                                   product_channels=c.product_channels, invariant_dim=c.invariant_dim,
                                   head_hidden=c.head_hidden, out_dim=1, feature_limit=c.feature_limit,
                                   head_layers=c.head_layers, scale_head_layers=c.scale_head_layers)
+        self.collapse = CollapseHead(self.nfn.feature_dim, c.n_classes) if c.n_classes else None
         self.meta: dict = {}
 
-    def forward(self, ws: WeightSpace) -> torch.Tensor:
-        """Logits [B] for weight spaces with batch dims [B] or [B, 1]."""
+    def forward(self, ws: WeightSpace, with_gate: bool = False):
+        """Logits [B] for weight spaces with batch dims [B] or [B, 1]; ``with_gate``: (logits, collapse-gate
+        logits or None) (through forward, so that DDP sees the gate's gradients)."""
         if len(ws.batch_shape) == 1:
             ws = ws.unsqueeze(1)
-        return self.nfn(ws).squeeze(-1)
+        features = self.nfn.features(ws)
+        logit, gate = self.nfn.readout(features).squeeze(-1), None
+        if self.collapse is not None:
+            logit, gate = self.collapse(features, output_bias(ws, self.collapse.n_classes), logit)
+        return (logit, gate) if with_gate else logit
 
     @torch.no_grad()
     def predict(self, x, batch_size: int = 64) -> torch.Tensor:
@@ -145,7 +165,8 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
         pred = torch.cat([self.predict(ws) for ws, _ in groups])
         return regression_report(pred, torch.cat([y for _, y in groups]))
 
-    def fit(self, train, val=None, config: FitConfig | None = None, accelerator=None, progress: bool = True) -> list[dict]:
+    def fit(self, train, val=None, config: FitConfig | None = None, accelerator=None, progress: bool = True,
+            collapsed: list[torch.Tensor] | None = None) -> list[dict]:
         """Train on ``train``; report validation metrics per epoch. Returns the history.
 
         With ``val`` and ``config.restore_best``, the model ends with the weights of the epoch with the best
@@ -157,7 +178,9 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
 
         The first fit of a predictor with a scale head sets its log-scale standardiser from ``train`` (under
         accelerate every process must pass the whole training set: each fits the same standardiser); later
-        fits keep it, so that training can continue where it stopped. Augmentation samples MLP-unit scales,
+        fits keep it, so that training can continue where it stopped. A collapse head sets its class scores
+        from ``train`` on every fit, and its gate learns ``collapsed`` (one bool mask per training group; read
+        off a Zoo when not given) alongside the accuracy loss. Augmentation samples MLP-unit scales,
         which a scale head reads as shifted up/down norms (with a scale head and without augmentation:
         tau +0.014 on mnist-paper, -0.014 on mnist-vit; see README).
         """
@@ -166,6 +189,15 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
         val_groups = as_groups(val) if val is not None else None
         if self.nfn.scale_norm is not None and not self.nfn.scale_norm.fitted:
             self.nfn.scale_norm.fit(torch.cat([_checked_log_scales(ws) for ws, _ in groups]))
+        masks = None
+        if self.collapse is not None:
+            masks = [torch.as_tensor(m, dtype=torch.bool).flatten()
+                     for m in (collapsed if collapsed is not None else collapsed_masks(train))]
+            if [len(m) for m in masks] != [len(y) for _, y in groups]:
+                raise ValueError(f"collapsed masks of lengths {[len(m) for m in masks]} do not match the training "
+                                 f"groups of {[len(y) for _, y in groups]} members")
+            self.collapse.fit(torch.cat([output_bias(ws, self.collapse.n_classes).float() for ws, _ in groups]),
+                              torch.cat([y for _, y in groups]), torch.cat(masks))
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         opt = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -193,10 +225,12 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
                 xb = ws.map(lambda t: t[idx].float())
                 if cfg.augment:
                     xb = groups_of[id(ws.spec)].sample(gen, dtype=torch.float32).act(xb)
-                logits = model(xb)
+                logits, gate = model(xb, with_gate=True)
                 if not torch.isfinite(logits).all():
                     raise _non_finite("predictions", idx[~torch.isfinite(logits.detach())].tolist(), ws)
                 loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
+                if gate is not None:  # masks is set whenever there is a collapse head
+                    loss = loss + nn.functional.binary_cross_entropy_with_logits(gate, masks[gi][idx].float())
                 opt.zero_grad()
                 (accelerator.backward(loss) if accelerator else loss.backward())
                 if cfg.max_grad_norm is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import write_json_atomic
-from .predictor import AccuracyPredictor, FitConfig, PredictorConfig, as_groups
+from .predictor import AccuracyPredictor, FitConfig, PredictorConfig, as_groups, collapsed_masks
 
 
 def _accelerator():
@@ -51,16 +51,23 @@ def _finite_zoo(path: str, epoch: int | None):
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    train, val, names = [], [], []
+    train, val, names, collapsed, classes = [], [], [], [], set()
     for path in args.zoo:
         name, zoo = _finite_zoo(path, args.epoch)
         names.append(name)
         t, v = zoo.split(FIT_SPLIT, seed=args.seed)
         train += as_groups(t)
         val += as_groups(v)
+        if args.collapse_head:
+            collapsed += collapsed_masks(t)
+            classes |= {r["arch"]["n_classes"] for r in zoo.records}
+    if len(classes) > 1:
+        raise SystemExit(f"--collapse-head reads one classifier output size; these zoos have {sorted(classes)} classes")
     accelerator = _accelerator()
-    model = AccuracyPredictor(PredictorConfig(scale_head_layers=args.scale_head_layers))
-    history = model.fit(train, val, FitConfig(epochs=args.epochs, seed=args.seed), accelerator=accelerator)
+    model = AccuracyPredictor(PredictorConfig(scale_head_layers=args.scale_head_layers,
+                                              n_classes=classes.pop() if classes else 0))
+    history = model.fit(train, val, FitConfig(epochs=args.epochs, seed=args.seed), accelerator=accelerator,
+                        collapsed=collapsed if args.collapse_head else None)
     if accelerator is None or accelerator.is_main_process:
         kept = next((r for r in history if r.get("best")), history[-1])  # the epoch whose weights are kept
         zoos = ", ".join(names)
@@ -113,6 +120,9 @@ def add_parser(subparsers) -> None:
     f.add_argument("--threads", type=int, help="torch threads per process")
     f.add_argument("--scale-head-layers", type=int, default=PredictorConfig().scale_head_layers,
                    help="a head on the log-norms alone (PredictorConfig.scale_head_layers; 0: none)")
+    f.add_argument("--collapse-head", action="store_true",
+                   help="rank members that predict one class by the class their output bias picks "
+                        "(PredictorConfig.n_classes, set from the zoo)")
     f.set_defaults(func=_run)
     e = sub.add_parser("evaluate", help="score a saved or shipped predictor on zoos (Kendall tau, R2, L1)")
     e.add_argument("--predictor", required=True, help="a directory or a shipped name "

@@ -132,6 +132,11 @@ def test_fit_command_trains_and_saves_a_loadable_predictor(tmp_path):
     assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "s"), "--epochs", "1",
                  "--scale-head-layers", "2"]) == 0
     assert AccuracyPredictor.from_pretrained(tmp_path / "s").nfn.scale_norm.fitted
+    # the collapse head: classes from the zoo, collapsed members read off it (the dataset's test subset)
+    assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "c"), "--epochs", "1",
+                 "--collapse-head"]) == 0
+    collapse = AccuracyPredictor.from_pretrained(tmp_path / "c").collapse
+    assert collapse.n_classes == 10 and ((collapse.class_accuracy > 0) & (collapse.class_accuracy < 1)).all()
     with pytest.raises(SystemExit, match="no finite checkpoints at epoch 99"):
         main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "q"), "--epoch", "99"])
 

@@ -199,14 +199,17 @@ def _sklearn_ensemble():
 
 
 def make_gbt(kind: str = "hist", **kwargs):
-    """An unfitted scikit-learn gradient-boosting regressor: ``kind="hist"`` (HistGradientBoostingRegressor,
-    fast on many samples) or ``"gbr"`` (GradientBoostingRegressor). ``kwargs`` go to its constructor."""
+    """An unfitted scikit-learn gradient-boosting model: ``kind="hist"`` (HistGradientBoostingRegressor, fast on
+    many samples), ``"gbr"`` (GradientBoostingRegressor) or ``"hist-classifier"``. ``kwargs`` go to its
+    constructor."""
     ensemble = _sklearn_ensemble()
     if kind == "hist":
         return ensemble.HistGradientBoostingRegressor(**kwargs)
     if kind == "gbr":
         return ensemble.GradientBoostingRegressor(**kwargs)
-    raise ValueError(f"kind must be 'hist' or 'gbr', got {kind!r}")
+    if kind == "hist-classifier":  # a yes/no per model, e.g. the gate of the collapse rule (nn/collapse.py)
+        return ensemble.HistGradientBoostingClassifier(**kwargs)
+    raise ValueError(f"kind must be 'hist', 'gbr' or 'hist-classifier', got {kind!r}")
 
 
 def _as_numpy_features(data: WeightSpace | torch.Tensor, per_block: bool):

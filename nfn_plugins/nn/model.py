@@ -86,9 +86,12 @@ class TransformerNFN(nn.Module):
         features = torch.cat([self.pool(self.encoder(ws)), log_scales], -1)
         return features if self.feature_limit is None else soft_clip(features, self.feature_limit)
 
-    def forward(self, ws: WeightSpace) -> torch.Tensor:
-        features = self.features(ws)
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        """The heads' output [B, out_dim] from `features`."""
         out = self.head(features)
         if self.scale_head is not None:
             out = out + self.scale_head(features[:, self.pool.out_dim :])
         return out
+
+    def forward(self, ws: WeightSpace) -> torch.Tensor:
+        return self.readout(self.features(ws))
