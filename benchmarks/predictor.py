@@ -427,7 +427,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an interrupted run of the same --name and settings; run only the rest")
     p.add_argument("--ceilings-only", action="store_true",
-                   help="compute only the label-noise ceilings of --zoo (for reports of runs made before a change to them)")
+                   help="compute only the label-noise ceilings of --zoo (for reports of runs made before a change "
+                        "to them)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and the plot from the existing .json")
     p.add_argument("--name", default="predictor", help="results file stem in benchmarks/results/")
     p.add_argument("--combine", type=lambda s: s.split(","), default=[],
