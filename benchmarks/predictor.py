@@ -242,7 +242,9 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, method
         train, val, _ = narrow.split((0.85, 0.15, 0.0), seed=seed)
         if train_all_epochs:
             train = every_epoch_of(train, every_epoch)
-        m, *_ = run_method(method, *(as_groups(z) for z in (train, val, wide)), seed, epochs, augment)
+        collapsed = collapsed_masks(train) if method in COLLAPSE else None
+        m, *_ = run_method(method, *(as_groups(z) for z in (train, val, wide)), seed, epochs, augment, collapsed,
+                           zoo.records[0]["arch"]["n_classes"])
         rows.append({"zoo": Path(path).name, "method": method, "seed": seed,
                      "train_epochs": "all" if train_all_epochs else "one", "train_widths": widths[:-1],
                      "test_width": widths[-1], **m})
