@@ -446,7 +446,7 @@ def main(argv=None) -> int:
         rows = sorted(_latest(saved, "rows", by=_split_key),
                       key=lambda r: (r["zoo"], r["cutoff"], METHODS.index(r["method"]), _train_epochs(r) == "all",
                                      r["seed"]))
-        ood = _latest(saved, "ood")
+        ood = _latest(saved, "ood", by=lambda r: (*_run_key(r), r["seed"]))  # by split, like the rows
         benchmarked = {(r["zoo"], r["cutoff"]) for r in rows}  # ceilings as the runs saved them: no zoo needed
         ceilings = [c for c in _latest(saved, "ceilings", by=lambda c: (c["zoo"], c["cutoff"], c["seed"]))
                     if (c["zoo"], c["cutoff"]) in benchmarked]
