@@ -1,11 +1,13 @@
 """The adapters under `accelerate` DDP, two CPU processes (gloo): NFNOptimizer (with gradient accumulation), the
-predictor's fit and the editor's training keep bit-identical replicas."""
+predictor's fit (with and without the collapse head) and the editor's training keep bit-identical replicas."""
 
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -33,9 +35,9 @@ def _save_flat(module: torch.nn.Module, out_dir: str, rank: int) -> None:
     torch.save(torch.cat([p.detach().flatten() for p in module.parameters()]), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _replicas(tmp_path, worker) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``worker`` on 2 processes; the parameters each rank saved."""
-    mp.spawn(worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def _replicas(tmp_path, worker, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``worker(rank, port, out_dir, *args)`` on 2 processes; the parameters each rank saved."""
+    mp.spawn(worker, args=(_free_port(), str(tmp_path), *args), nprocs=WORLD, join=True)
     return tuple(torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
 
 
@@ -69,23 +71,35 @@ def test_two_process_ddp_replicas_stay_bit_identical(tmp_path):
     assert torch.equal(r0, r1)  # and both replicas hold the same bits
 
 
-def _predictor_worker(rank: int, port: int, out_dir: str) -> None:
+def _predictor(n_classes: int):
+    from test_predictor import SMALL, AccuracyPredictor
+
+    torch.manual_seed(0)
+    return AccuracyPredictor(replace(SMALL, n_classes=n_classes))
+
+
+def _predictor_worker(rank: int, port: int, out_dir: str, n_classes: int) -> None:
     _join(rank, port)
     from nfn_plugins.predictor import FitConfig
     from nfn_plugins.predictor_cli import _accelerator
-    from test_predictor import SMALL, AccuracyPredictor, _synthetic
+    from test_collapse import _with_collapsed
 
     acc = _accelerator()
     assert acc is not None and acc.num_processes == WORLD
-    model = AccuracyPredictor(SMALL)
-    model.fit(_synthetic(32, 16, 0), None, FitConfig(epochs=2, batch_size=8), accelerator=acc, progress=False)
+    model = _predictor(n_classes)
+    ws, y, collapsed = _with_collapsed(32, 0)
+    model.fit((ws, y), None, FitConfig(epochs=2, batch_size=8), accelerator=acc, progress=False,
+              collapsed=[collapsed] if n_classes else None)
     _save_flat(model, out_dir, rank)
     acc.end_training()
 
 
-def test_predictor_fit_under_two_process_ddp(tmp_path):
+@pytest.mark.parametrize("n_classes", [0, 2])  # 2: with the collapse head, whose gate loss goes through forward
+def test_predictor_fit_under_two_process_ddp(tmp_path, n_classes):
     """Each process trains on its share of the mini-batches; gradients are averaged, replicas stay identical."""
-    r0, r1 = _replicas(tmp_path, _predictor_worker)
+    r0, r1 = _replicas(tmp_path, _predictor_worker, n_classes)
+    initial = torch.cat([p.detach().flatten() for p in _predictor(n_classes).parameters()])
+    assert not torch.equal(r0, initial)  # it trained
     assert torch.equal(r0, r1)
 
 
