@@ -108,8 +108,10 @@ def run_method(method: str, train, val, test, seed: int, epochs: int, augment: b
     if method in COLLAPSE and (collapsed is None or not n_classes):
         raise ValueError(f"{method} needs the training members' collapse masks and the number of classes")
     if method in OURS:
-        model = AccuracyPredictor(replace(OURS[method], n_classes=n_classes) if method in COLLAPSE else OURS[method])
-        model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False, collapsed=collapsed)
+        collapse = method in COLLAPSE
+        model = AccuracyPredictor(replace(OURS[method], n_classes=n_classes) if collapse else OURS[method])
+        model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False,
+                  collapsed=collapsed if collapse else None)
         pred = torch.cat([model.predict(ws) for ws, _ in test])
         n_params = sum(p.numel() for p in model.parameters())
     elif method in ("gbt", "gbt-invariant", "gbt-collapse"):

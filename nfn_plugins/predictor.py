@@ -192,6 +192,8 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
         if self.nfn.scale_norm is not None and not self.nfn.scale_norm.fitted:
             self.nfn.scale_norm.fit(torch.cat([_checked_log_scales(ws) for ws, _ in groups]))
         masks = None
+        if collapsed is not None and self.collapse is None:
+            raise ValueError("collapsed masks train a collapse head; this predictor has none (n_classes=0)")
         if self.collapse is not None:
             masks = [torch.as_tensor(m, dtype=torch.bool).flatten()
                      for m in (collapsed if collapsed is not None else collapsed_masks(train))]

@@ -80,6 +80,8 @@ def test_collapse_head_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match=r"masks of lengths \[3\] do not match .* \[8\] members"):
         AccuracyPredictor(replace(SMALL, n_classes=2)).fit((ws, y), config=cfg, progress=False,
                                                            collapsed=[torch.ones(3, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="this predictor has none"):
+        AccuracyPredictor(SMALL).fit((ws, y), config=cfg, progress=False, collapsed=[torch.ones(8, dtype=torch.bool)])
     with pytest.raises(ValueError, match="no output bias of 3 classes"):
         AccuracyPredictor(replace(SMALL, n_classes=3)).predict(ws)
     assert output_bias_name(ws.spec, 2) == "classifier.bias"

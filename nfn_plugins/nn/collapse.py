@@ -34,7 +34,7 @@ def output_bias_name(spec: WeightSpaceSpec, n_classes: int) -> str:
 
 
 def output_bias(ws: WeightSpace, n_classes: int) -> torch.Tensor:
-    """[*batch, n_classes] output biases of a batch of weight spaces (channel dims flattened away)."""
+    """[N, n_classes]: the output biases of a batch of weight spaces (batch and channel dims flattened)."""
     bias = ws[output_bias_name(ws.spec, n_classes)]
     return bias.reshape(-1, n_classes)
 
