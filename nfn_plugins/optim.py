@@ -36,6 +36,7 @@ wrapped base optimizer (AdamW by default) that shares this optimizer's param gro
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import warnings
@@ -61,13 +62,17 @@ INPUTS = ("weight", "grad", "momentum", "base_direction")
 Tensors = dict[str, torch.Tensor]
 
 
-def bounded(name: str, x: torch.Tensor) -> torch.Tensor:
+def bounded(xs: list[torch.Tensor], names: tuple[str, ...]) -> list[torch.Tensor]:
     """Squash to [-1, 1] per entry, equivariantly: element-wise tanh where only permutations act, and a radial
-    tanh of each head-dimension vector for per-head tensors (its norm is invariant under orthogonal maps)."""
-    if name not in HEAD_DIM_AXIS:
-        return torch.tanh(x)
-    norm = (x.square().sum(HEAD_DIM_AXIS[name], keepdim=True) + 1e-12).sqrt()  # smooth at 0 (x.norm's grad is not)
-    return x * (torch.tanh(norm) / norm)
+    tanh of each head-dimension vector for per-head tensors (its norm is invariant under orthogonal maps).
+    Multi-tensor ops: the step's cost on small models is per-op overhead."""
+    radial = [i for i, n in enumerate(names) if n in HEAD_DIM_AXIS]
+    plain = [i for i in range(len(xs)) if i not in radial]
+    out = dict(zip(plain, torch._foreach_tanh([xs[i] for i in plain])))
+    norms = [(xs[i].square().sum(HEAD_DIM_AXIS[names[i]], keepdim=True) + 1e-12).sqrt() for i in radial]  # smooth
+    factors = torch._foreach_div(torch._foreach_tanh(norms), norms)  # at 0, where x.norm's gradient is not
+    out.update(zip(radial, torch._foreach_mul([xs[i] for i in radial], factors)))
+    return [out[i] for i in range(len(xs))]
 
 
 def head_pooled_square(name: str, g: torch.Tensor) -> torch.Tensor:
@@ -138,6 +143,28 @@ def orthogonalized(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return X * (MUON_RMS * math.sqrt(max(x.shape[-2], x.shape[-1])))
 
 
+def orthogonalized_all(xs: Tensors) -> Tensors:
+    """`orthogonalized` of every tensor, one batched iteration per matrix shape up to transposition (q, k, v
+    and o share one, the MLP's another): on small models the step's cost is per-op overhead."""
+    def is_wide(x: torch.Tensor) -> bool:
+        return x.shape[-2] <= x.shape[-1]
+
+    def as_wide(x: torch.Tensor) -> torch.Tensor:
+        return x if is_wide(x) else x.transpose(-1, -2)
+
+    by_shape: dict[torch.Size, list[str]] = {}
+    for name, x in xs.items():
+        by_shape.setdefault(as_wide(x).shape[-2:], []).append(name)
+    out = {}
+    for shape, names in by_shape.items():
+        flat = torch.cat([as_wide(xs[n]).reshape(-1, *shape) for n in names])
+        pieces = orthogonalized(flat).split([math.prod(xs[n].shape[:-2]) for n in names])
+        for name, piece in zip(names, pieces):
+            x = xs[name]
+            out[name] = piece.view(as_wide(x).shape) if is_wide(x) else piece.view(as_wide(x).shape).transpose(-1, -2)
+    return out
+
+
 def _check_base_direction(base_direction: str) -> str:
     if base_direction not in BASE_DIRECTIONS:
         raise ValueError(f"base_direction must be one of {BASE_DIRECTIONS}, got {base_direction!r}")
@@ -184,9 +211,10 @@ class LearnedUpdate(checkpoints.Pretrained, nn.Module):
     def forward(self, inputs: WeightSpace) -> dict[str, torch.Tensor]:
         """inputs [1, 4] -> {block tensor: correction (unbatched)}, each entry bounded by max_correction."""
         x, _ = normalize_scales(summarize_outer(inputs))
-        out = self.encoder(x)
-        gains = torch.tanh(self.gain) * self.max_correction
-        return {name: gains[i] * bounded(name, out[name][0, 0]) for i, name in enumerate(BLOCK_AXES) if name in out}
+        out = self.encoder(x, blocks_only=True)  # only block tensors get a correction
+        gains = (torch.tanh(self.gain) * self.max_correction).unbind()
+        names, scales = zip(*((n, gains[i]) for i, n in enumerate(BLOCK_AXES) if n in out))
+        return dict(zip(names, torch._foreach_mul(bounded([out[n][0, 0] for n in names], names), scales)))
 
 
 class NFNOptimizer(torch.optim.Optimizer):
@@ -203,6 +231,8 @@ class NFNOptimizer(torch.optim.Optimizer):
             None: ``learned.base_direction`` (the one validated with the update), else "adam".
         nonfinite: "skip" (warn and skip the whole step when any gradient is NaN/inf) or "raise".
         base_optimizer: class for the parameters outside the blocks (AdamW by default).
+        base_kwargs: more arguments for it; ``foreach=True`` unless given, where it takes one (one multi-tensor
+            op per moment instead of one op per tensor, which torch leaves off on CPU; same arithmetic).
         extra_axes: see `extract_weights`.
     """
 
@@ -233,7 +263,10 @@ class NFNOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.base = None
         if others:
-            self.base = base_optimizer(others, lr=lr, weight_decay=weight_decay, **(base_kwargs or {}))
+            base_kwargs = dict(base_kwargs or {})
+            if "foreach" in inspect.signature(base_optimizer).parameters:
+                base_kwargs.setdefault("foreach", True)
+            self.base = base_optimizer(others, lr=lr, weight_decay=weight_decay, **base_kwargs)
             self.base.param_groups[0]["name"] = "base"
             self.param_groups.append(self.base.param_groups[0])  # shared: schedulers and state_dict see both
         unmatched = ", ".join(h.name for h in self.binding.unmatched) or "none"
@@ -410,7 +443,7 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, 
         cov[n] = new_cov * (1 - beta2) + (head_cov[n] * beta2 if n in head_cov else 0.0)
     for n, inv_sqrt in head_inverse_sqrt(cov).items():
         direction[n] = whiten(n, direction[n], inv_sqrt)
-    direction.update({n: orthogonalized(m[n]) for n in muon})  # scale-free: no bias correction either
+    direction.update(orthogonalized_all({n: m[n] for n in muon}))  # scale-free: no bias correction either
     if learned is not None:
         dtype = next(learned.parameters()).dtype
         outer_zeros = {n: torch.zeros_like(x) for n, x in weights.items() if n not in m}
@@ -418,7 +451,10 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, 
         with torch.inference_mode(not torch.is_grad_enabled()):  # in a plain step: less autograd bookkeeping
             stacked = WeightSpace.stack([x if x.dtype == dtype else x.to(dtype) for x in inputs])  # no copies if equal
             correction = learned(stacked.unsqueeze(0))
-        direction = {n: direction[n] + correction_scale * correction[n].to(direction[n].dtype) for n in names}
-    decayed = {n: weights[n] * (1 - lr * weight_decay) for n in names} if weight_decay else weights
-    new = {n: torch.add(decayed[n], direction[n], alpha=-lr) for n in names}  # one pass per tensor
+        corrections = [correction[n].to(direction[n].dtype) for n in names]
+        direction = dict(zip(names, torch._foreach_add([direction[n] for n in names], corrections,
+                                                       alpha=correction_scale)))
+    current = [weights[n] for n in names]
+    decayed = torch._foreach_mul(current, 1 - lr * weight_decay) if weight_decay else current
+    new = dict(zip(names, torch._foreach_add(decayed, [direction[n] for n in names], alpha=-lr)))
     return new, m, v, cov

@@ -12,7 +12,7 @@ import torch
 from model_factories import build
 from nfn_plugins import SymmetryGroup, WeightSpace, extract_weights, load_weights
 from nfn_plugins.optim import (MUON_RMS, LearnedUpdate, NFNOptimizer, block_update, head_covariance,
-                               head_inverse_sqrt, orthogonalized, whiten)
+                               head_inverse_sqrt, orthogonalized, orthogonalized_all, whiten)
 from nfn_plugins.spec import BLOCK_AXES
 
 
@@ -90,6 +90,19 @@ def test_orthogonalized_commutes_with_orthogonal_maps_and_equalises_singular_val
         sv = torch.linalg.svdvals(out) / (MUON_RMS * max(shape[-2:]) ** 0.5)
         assert 0.6 < float(sv.min()) and float(sv.max()) < 1.25  # the quintic iteration's band, not exactly 1
         assert float(torch.linalg.svdvals(x).max() / torch.linalg.svdvals(x).min()) > 10  # the input was spread
+
+
+def test_orthogonalized_all_batches_by_shape_up_to_transposition():
+    """One batched iteration per matrix shape gives each tensor its own `orthogonalized` (float64): tall and wide
+    stacks of one shape share a batch, other shapes and stack sizes get their own."""
+    gen = torch.Generator().manual_seed(1)
+    xs = {name: torch.randn(shape, generator=gen, dtype=torch.float64) for name, shape in
+          {"q": (2, 3, 8, 4), "k": (2, 1, 8, 4), "o": (2, 3, 4, 8), "up": (2, 8, 16), "down": (2, 16, 8)}.items()}
+    out = orthogonalized_all(xs)
+    assert list(out) == list(xs)
+    for name, x in xs.items():
+        assert out[name].shape == x.shape
+        assert torch.allclose(out[name], orthogonalized(x), atol=1e-13), name
 
 
 def test_muon_base_changes_the_matrices_step_only(exact_float64):
@@ -283,6 +296,20 @@ def test_scheduler_reaches_the_base_optimizer():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     assert opt.base.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["lr"] == 0.5
     del sched
+
+
+def test_base_optimizer_runs_multi_tensor_unless_told_otherwise():
+    """foreach=True by default where the base optimizer takes it; a user's value wins; optimizers without
+    the argument get none."""
+    model, _ = build("bert")
+    assert NFNOptimizer(model).base.defaults["foreach"] is True
+    assert NFNOptimizer(model, base_kwargs={"foreach": False}).base.defaults["foreach"] is False
+
+    class PlainSGD(torch.optim.SGD):
+        def __init__(self, params, lr: float, weight_decay: float):
+            super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+    assert NFNOptimizer(model, base_optimizer=PlainSGD).base.defaults["foreach"] is None  # SGD's own default
 
 
 def test_closure_and_zero_grad():

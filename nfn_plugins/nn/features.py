@@ -40,8 +40,8 @@ def soft_clip(x: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     pointwise MLPs, whose outputs multiply tensors: two layers of that overflow float32.
     """
     limit = FEATURE_LIMIT if limit is None else limit
-    over = (x.abs() - limit).clamp_min(0)
-    return torch.where(over > 0, x.sign() * (limit + torch.log1p(over)), x)  # no cancellation for huge x
+    excess = torch.log1p((x.abs() - limit).clamp_min(0))  # exactly 0 within the limit
+    return x.clamp(-limit, limit) + excess.copysign(x)  # no cancellation for huge x
 
 
 def expand_kv(x: torch.Tensor, group_size: int) -> torch.Tensor:

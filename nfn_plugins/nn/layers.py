@@ -182,7 +182,9 @@ class EquivariantLayer(nn.Module):
         }
         return out, torch.stack([n_qk, n_vo], -1)
 
-    def forward(self, ws: WeightSpace) -> WeightSpace:
+    def forward(self, ws: WeightSpace, blocks_only: bool = False) -> WeightSpace:
+        """``blocks_only``: return only the block tensors (a learned optimizer's last layer: it updates
+        nothing else), skipping the outer tensors' maps."""
         spec: WeightSpaceSpec = ws.spec
         if len(ws.batch_shape) != 2 or ws.batch_shape[1] != self.c_in:
             raise ValueError(f"expected batch dims [B, {self.c_in}], got {ws.batch_shape}")
@@ -196,7 +198,6 @@ class EquivariantLayer(nn.Module):
         prods, norms = self._products(ws)
         h_in = torch.cat([_channels_last(feats.head), _channels_last(soft_clip(norms))], -1)
         h = _uses(self.head_ctx(h_in), HEAD_USES, co)  # [B, co, L, H]
-        glob = _uses(self.global_ctx(torch.cat([_channels_last(S.mean(2)), _channels_last(G)], -1)), OUTER_KINDS, co)
 
         out: dict[str, torch.Tensor] = {}
         for t in GL_TENSORS:
@@ -222,6 +223,9 @@ class EquivariantLayer(nn.Module):
             if t in ws:
                 out[t] = mix(ws[t], self.mix[t]) + s[t]
 
+        if blocks_only:
+            return WeightSpace(spec.with_tensors(tuple(t for t in spec.tensors if t.block)), out)
+        glob = _uses(self.global_ctx(torch.cat([_channels_last(S.mean(2)), _channels_last(G)], -1)), OUTER_KINDS, co)
         for t in spec.tensors:
             if t.block:
                 continue

@@ -29,10 +29,12 @@ class TransformerNFNEncoder(nn.Module):
         self.final_activation = final_activation
         self.out_channels = dims[-1]
 
-    def forward(self, ws: WeightSpace) -> WeightSpace:
+    def forward(self, ws: WeightSpace, blocks_only: bool = False) -> WeightSpace:
+        """``blocks_only``: the output has only the block tensors (see `EquivariantLayer.forward`)."""
         ws = summarize_outer(ws)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            ws = layer(ws)
+            ws = layer(ws, blocks_only=blocks_only and i == last)
             if i < len(self.layers) - 1 or self.final_activation:
                 ws = self.act(ws)
         return ws

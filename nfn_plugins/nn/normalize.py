@@ -9,6 +9,8 @@ mean Frobenius norm of the per-head products q k^T (v o).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..spec import BLOCK_AXES
@@ -34,21 +36,22 @@ def normalize_scales(ws: WeightSpace) -> tuple[WeightSpace, torch.Tensor]:
     scales: dict[str, torch.Tensor] = {}
     n_qk = _product_norm(ws["q"], expand_kv(ws["k"], g).transpose(-1, -2))
     n_vo = _product_norm(expand_kv(ws["v"], g), ws["o"])
-    out: dict[str, torch.Tensor] = {}
+    # RMS of every other tensor with multi-tensor ops: on small models the cost is per-op overhead
+    own = [t for t in ws.spec.tensors if t.name not in QK_GROUP and t.name not in VO_GROUP]
+    sq_norms = [torch.linalg.vector_norm(ws[t.name].flatten(2), dim=-1) for t in own]
+    mean_sq = torch._foreach_div(torch._foreach_mul(sq_norms, sq_norms), [float(math.prod(t.shape)) for t in own])
+    rms = dict(zip((t.name for t in own), torch._foreach_sqrt(torch._foreach_add(mean_sq, EPS))))
+    shared = {**dict.fromkeys(QK_GROUP, n_qk.sqrt()), **dict.fromkeys(VO_GROUP, n_vo.sqrt())}
+    s_of = {t.name: rms[t.name] if t.name in rms else shared[t.name] for t in ws.spec.tensors}
+    divided = torch._foreach_div([ws[t.name] for t in ws.spec.tensors],
+                                 [s_of[t.name].reshape(s_of[t.name].shape + (1,) * t.ndim) for t in ws.spec.tensors])
+    out = dict(zip(ws.spec.names, divided))
     outer_rms: dict[str, list[torch.Tensor]] = {}
     for t in ws.spec.tensors:
-        x = ws[t.name]
-        if t.name in QK_GROUP:
-            s = n_qk.sqrt()
-        elif t.name in VO_GROUP:
-            s = n_vo.sqrt()
-        else:
-            s = (x.square().flatten(2).mean(-1) + EPS).sqrt()
-        out[t.name] = x / s.reshape(s.shape + (1,) * t.ndim)
         if t.block:
-            scales[t.name] = s
+            scales[t.name] = s_of[t.name]
         else:
-            outer_rms.setdefault(outer_kind(t), []).append(s)
+            outer_rms.setdefault(outer_kind(t), []).append(s_of[t.name])
     for kind, values in outer_rms.items():
         scales[kind] = torch.stack(values).mean(0)
     logs = torch.stack([scales[k].log() if k in scales else zero for k in SCALE_SLOTS], -1)
