@@ -71,21 +71,19 @@ def mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape((b, weight.shape[0]) + x.shape[2:])
 
 
-def add_mix_(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``y += scale * mix(x, weight)`` in place (y contiguous [B, C_out, ...]; scale broadcasts against it).
+def mix_each(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`mix` of several same-shape tensors, each by its own weight, as one batched matmul (fewer ops)."""
+    x = torch.stack(xs)  # [n, B, C_in, ...]
+    n, b, c = x.shape[:3]
+    w = torch.stack(weights)[:, None].expand(-1, b, -1, -1).reshape(n * b, -1, c)
+    out = torch.bmm(w, x.reshape(n * b, c, -1))
+    return list(out.reshape((n, b, w.shape[1]) + x.shape[3:]).unbind(0))
 
-    Unscaled, the matmul accumulates straight into y; scaled, a few blocks at a time, so the temporaries
-    stay small (full-size ones cost more in fresh pages than in arithmetic on MiniLM).
-    """
+
+def add_mix_(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``y += mix(x, weight)`` in place (y contiguous [B, C_out, ...]): the matmul accumulates straight into y."""
     b, c = x.shape[:2]
-    if c == 1:  # scale * (w x) = (scale * w) x: no full-size temporary at all
-        w = _per_output_channel(weight, x)
-        return y.addcmul_(w if scale is None else scale * w, x)
-    if scale is None:
-        y.view(b, y.shape[1], -1).baddbmm_(weight.expand(b, -1, -1), x.reshape(b, c, -1))
-        return y
-    for s in block_slices(y[:, :, :1].numel() * y.element_size(), y.shape[2]):
-        y[:, :, s].addcmul_(scale[:, :, s] if scale.shape[2] > 1 else scale, mix(x[:, :, s], weight))
+    y.view(b, y.shape[1], -1).baddbmm_(weight.expand(b, -1, -1), x.reshape(b, c, -1))
     return y
 
 
@@ -142,14 +140,26 @@ class EquivariantLayer(nn.Module):
     def _gl_update(self, x: torch.Tensor, name: str, s_mod: torch.Tensor, s_bc: torch.Tensor,
                    hs: torch.Tensor) -> torch.Tensor:
         """Linear part of the update of a GL tensor (q, k, v: stream rows; o: stream columns): identity,
-        head-modulated, stream-modulated and stream-mean-broadcast mixes, added in place into one tensor."""
+        stream-modulated, stream-mean-broadcast and head-modulated views from one mix, combined in place; a
+        few blocks at a time when the four views of every block would make large temporaries (MiniLM)."""
         stream_dim = -1 if name == "o" else -2
-        w = self.mix[name].view(VIEWS[name], self.c_out, self.c_in)
         along = (lambda v: v[:, :, :, None, None, :]) if name == "o" else (lambda v: v[:, :, :, None, :, None])
-        y = mix(x, w[0])
-        add_mix_(y, x, w[3], hs[..., None, None])
-        add_mix_(y, x, w[1], along(s_mod))
-        return y.addcmul_(along(s_bc), mix(x.mean(stream_dim, keepdim=True), w[2]))
+        w = self.mix[name][: 4 * self.c_out]  # views 0-3 (view 4, the bias source, is `_bias_rows`')
+        scales = (along(s_mod), along(s_bc), hs[..., None, None])
+
+        def combined(xs: torch.Tensor, mod: torch.Tensor, bc: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+            ident, by_stream, stream_mean, by_head = mix(xs, w).chunk(4, dim=1)
+            y = torch.addcmul(ident, by_stream, mod)  # fresh: autograd forbids writing into a chunk
+            # the mean of a mix is the mix of the mean
+            return y.addcmul_(by_head, head).addcmul_(bc, stream_mean.mean(stream_dim, keepdim=True))
+
+        slices = block_slices(4 * x[:, :1, :1].numel() * self.c_out * x.element_size(), x.shape[2])
+        if len(slices) == 1:
+            return combined(x, *scales).contiguous()  # no copy unless B > 1 made it strided
+        y = x.new_empty((x.shape[0], self.c_out) + x.shape[2:])
+        for s in slices:
+            y[:, :, s] = combined(x[:, :, s], *(v[:, :, s] for v in scales))
+        return y
 
     def _bias_rows(self, x: torch.Tensor, s_in: torch.Tensor, name: str) -> torch.Tensor:
         """Bias update from its matrix ``name`` (q, k or v): the stream-weighted mean of its rows [B, co, L, H, d]."""
@@ -204,8 +214,7 @@ class EquivariantLayer(nn.Module):
             hs = h[t] if t in ("q", "o") else group_mean(h[t].unsqueeze(-1), g).squeeze(-1)
             bias = f"{t}_bias" if t != "o" else None  # o_bias lives on the stream, not on a head
             out[t] = self._gl_update(ws[t], t, s[f"{t}_mod"], s[f"{t}_bc"], hs)
-            for term, w in zip(prods[t], self.prod_out[t].chunk(2, dim=1)):
-                add_mix_(out[t], term, w)
+            add_mix_(out[t], torch.cat(prods[t], 1), self.prod_out[t])  # both product terms in one matmul
             if bias in ws:
                 b_id, b_h, b_outer = self._views(ws, bias)
                 out[t].addcmul_(s[f"{bias}_outer"][:, :, :, None, :, None], b_outer.unsqueeze(-2))
@@ -219,9 +228,10 @@ class EquivariantLayer(nn.Module):
         for t in MLP_BIASES:
             if t in ws:
                 out[t] = mix(ws[t], self.mix[t]) + u[t]
-        for t in STREAM_VECTORS:
-            if t in ws:
-                out[t] = mix(ws[t], self.mix[t]) + s[t]
+        vectors = [t for t in STREAM_VECTORS if t in ws]  # all [B, C, L, D]
+        if vectors:
+            mixed = mix_each([ws[t] for t in vectors], [self.mix[t] for t in vectors])
+            out.update(zip(vectors, torch._foreach_add(mixed, [s[t] for t in vectors])))
 
         if blocks_only:
             return WeightSpace(spec.with_tensors(tuple(t for t in spec.tensors if t.block)), out)
