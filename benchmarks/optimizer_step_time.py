@@ -42,15 +42,16 @@ RUN_STEPS = 1000  # the run length the derived per-run mean refers to
 TARGET = 2.0  # the issue's bound on step time relative to AdamW
 
 
-def _optimizers(model_for, learned: LearnedUpdate) -> dict[str, torch.optim.Optimizer]:
-    """name -> optimizer, each over its own fresh copy of the task's model (same initialisation)."""
+def _optimizers(models: list[nn.Module], learned: LearnedUpdate) -> dict[str, torch.optim.Optimizer]:
+    """name -> optimizer, one per copy of the task's model (same initialisation), in the order of ``models``."""
     lr = learned.recommended_lr
     base = f"equivariant-{learned.base_direction}"
     nfn = "nfn" if learned.base_direction == "adam" else "nfn-muon"
+    adamw_model, base_model, nfn_model = models
     return {
-        "adamw": _make_optimizer("adamw", model_for(), 1e-3, None),
-        "base-alone": _make_optimizer(base, model_for(), lr, None),
-        "nfn-running": _make_optimizer(nfn, model_for(), lr, learned, correction_horizon=math.inf),
+        "adamw": _make_optimizer("adamw", adamw_model, 1e-3, None),
+        "base-alone": _make_optimizer(base, base_model, lr, None),
+        "nfn-running": _make_optimizer(nfn, nfn_model, lr, learned, correction_horizon=math.inf),
     }
 
 
@@ -69,18 +70,10 @@ class OpCounter(TorchDispatchMode):
 
 def time_task(task: str, rounds: int, warmup: int, learned: LearnedUpdate, seed: int = 100) -> dict:
     """Per optimizer, per measured round: (training step s, optimizer step s)."""
-    models, forward, data = [], None, None
-
-    def model_for() -> nn.Module:
-        nonlocal forward, data
-        model, train, _, forward = _task(task, seed)
-        data = train
-        models.append(model)
-        return model
-
-    opts = _optimizers(model_for, learned)
+    copies = [_task(task, seed) for _ in range(3)]  # (model, train, test, forward), identically seeded
+    models, (x, y), forward = [c[0] for c in copies], copies[0][1], copies[0][3]
+    opts = _optimizers(models, learned)
     names = list(opts)
-    x, y = data
     gen = torch.Generator().manual_seed(seed)
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for r in range(warmup + rounds):
