@@ -223,17 +223,35 @@ def label_ceilings(path: str, epoch: int | None, cutoffs, seeds) -> list[dict]:
     return rows
 
 
+def _by_width(path: str, epoch: int | None) -> tuple[Zoo, Zoo, list[int], Zoo, Zoo]:
+    """(every epoch's checkpoints, the epoch's, its widths, the widest members, the narrower ones)."""
+    every_epoch = Zoo.open(path).filter(finite=True)
+    zoo = every_epoch.filter(epoch=epoch or max(every_epoch.epochs))
+    widths = sorted({r["arch"]["d_model"] for r in zoo.records})
+    wide = zoo.filter(where=lambda r: r["arch"]["d_model"] == widths[-1])
+    narrow = zoo.filter(where=lambda r: r["arch"]["d_model"] < widths[-1])
+    return every_epoch, zoo, widths, wide, narrow
+
+
+def ood_ceiling(path: str, epoch: int | None) -> list[dict]:
+    """The label-noise ceiling of the out-of-distribution test set (every member of the widest width), as in
+    `label_ceilings`: what a perfect predictor could reach there."""
+    _, zoo, widths, wide, _ = _by_width(path, epoch)
+    if len(widths) < 2:
+        return []
+    exact = wide.at_class_frequency()
+    n_eval = zoo.config.eval_test_size
+    return [{"zoo": Path(path).name, "test_width": widths[-1], "n_test": len(wide), "n_exact": int(exact.sum()),
+             "n_eval": n_eval, "ceiling": label_noise_ceiling(wide.labels(), n_eval, exact=exact)}]
+
+
 def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, methods, rows: list[dict],
                         save: Callable[[], None], augment: bool = True, train_all_epochs: bool = False) -> None:
     """Train on every width but the widest, test on the widest (HF zoos); the width-agnostic methods only.
     Appends to ``rows`` and saves after each row, skipping rows already there."""
-    every_epoch = Zoo.open(path).filter(finite=True)
-    zoo = every_epoch.filter(epoch=epoch or max(every_epoch.epochs))
-    widths = sorted({r["arch"]["d_model"] for r in zoo.records})
+    every_epoch, zoo, widths, wide, narrow = _by_width(path, epoch)
     if len(widths) < 2:
-        return []
-    wide = zoo.filter(where=lambda r: r["arch"]["d_model"] == widths[-1])
-    narrow = zoo.filter(where=lambda r: r["arch"]["d_model"] < widths[-1])
+        return
     methods = [m for m in methods if m in WIDTH_AGNOSTIC]
     if not methods:
         raise SystemExit(f"--ood-zoo runs only the width-agnostic methods {WIDTH_AGNOSTIC}; --methods has none")
@@ -289,7 +307,7 @@ def margins(rows) -> list[str]:
             "splits ahead |", "|---|---|---|---|---|---|---|---|", *lines]
 
 
-def markdown(rows, ood, ceilings, args) -> str:
+def markdown(rows, ood, ceilings, args, ood_ceilings=()) -> str:
     lines = ["# Accuracy prediction from weights", "",
              f"Protocol: checkpoints of the last saved epoch per member, accuracy cut-offs {args.cutoffs}, 70/15/15 split "
              f"by member, seeds {sorted({r['seed'] for r in rows}) or args.seeds} (the splits column: how many "
@@ -350,14 +368,19 @@ def markdown(rows, ood, ceilings, args) -> str:
     if small:
         lines += [f"Test splits of fewer than 30 members (tau is noise there): cut-offs {', '.join(f'{c}%' for c in small)}."]
     if ood:
+        ceiling_of = {c["zoo"]: c for c in ood_ceilings}
         lines += ["", "## Out of distribution: train on narrower widths, test on the widest", "",
-                  "| zoo | method | train epochs | train widths | test width | Kendall tau | R2 |",
-                  "|---|---|---|---|---|---|---|"]
+                  "`ceiling tau`: the label-noise ceiling of the test set, all its members (computed like the "
+                  "ceilings above: collapsed members' labels exact; `?`: not computed, the zoo was not on the "
+                  "machine that wrote this report).", "",
+                  "| zoo | method | train epochs | train widths | test width | Kendall tau | R2 | ceiling tau |",
+                  "|---|---|---|---|---|---|---|---|"]
         for key in dict.fromkeys(_run_key(r) for r in ood):
             sel = [r for r in ood if _run_key(r) == key]
             tau, r2 = _mean_std([r["kendall_tau"] for r in sel]), _mean_std([r["r2"] for r in sel])
+            ceiling = f"{ceiling_of[key[0]]['ceiling']:.3f}" if key[0] in ceiling_of else "?"
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {sel[0]['train_widths']} | {sel[0]['test_width']} | "
-                         f"{tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} |")
+                         f"{tau[0]:.3f} +- {tau[1]:.3f} | {r2[0]:.3f} +- {r2[1]:.3f} | {ceiling} |")
     return "\n".join(lines) + "\n"
 
 
@@ -431,8 +454,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an interrupted run of the same --name and settings; run only the rest")
     p.add_argument("--ceilings-only", action="store_true",
-                   help="compute only the label-noise ceilings of --zoo (for reports of runs made before a change "
-                        "to them)")
+                   help="compute only the label-noise ceilings of --zoo and --ood-zoo (for reports of runs made "
+                        "before a change to them)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and the plot from the existing .json")
     p.add_argument("--name", default="predictor", help="results file stem in benchmarks/results/")
     p.add_argument("--combine", type=lambda s: s.split(","), default=[],
@@ -452,11 +475,12 @@ def main(argv=None) -> int:
         benchmarked = {(r["zoo"], r["cutoff"]) for r in rows}  # ceilings as the runs saved them: no zoo needed
         ceilings = [c for c in _latest(saved, "ceilings", by=lambda c: (c["zoo"], c["cutoff"], c["seed"]))
                     if (c["zoo"], c["cutoff"]) in benchmarked]
+        ood_ceilings = _latest(saved, "ood_ceilings", by=lambda c: c["zoo"])
         if args.combine:
             write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),
                                                               "combined_from": args.combine, "rows": rows, "ood": ood,
-                                                              "ceilings": ceilings})
-        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, ceilings, args))
+                                                              "ceilings": ceilings, "ood_ceilings": ood_ceilings})
+        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, ceilings, args, ood_ceilings))
         scatter(rows, args.name)
         return 0
     if not args.zoo and not args.ood_zoo:
@@ -472,11 +496,12 @@ def main(argv=None) -> int:
     rows: list[dict] = previous["rows"]
     ood: list[dict] = previous["ood"]
     ceilings: list[dict] = []
+    ood_ceilings: list[dict] = []
 
     def save() -> None:  # after every row: an interrupted run resumes with --resume
         write_json_atomic(out, {"machine": machine_info(), "args": vars(args), "rows": rows, "ood": ood,
-                                "ceilings": ceilings})
-        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, ceilings, args))
+                                "ceilings": ceilings, "ood_ceilings": ood_ceilings})
+        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ood, ceilings, args, ood_ceilings))
 
     for z in args.zoo:
         ceilings += label_ceilings(z, args.epoch, args.cutoffs, args.seeds)
@@ -485,6 +510,9 @@ def main(argv=None) -> int:
         benchmark_zoo(z, args.epoch, args.cutoffs, args.seeds, args.methods, args.epochs, rows, save,
                       not args.no_augment, args.train_all_epochs)
     for z in args.ood_zoo:
+        ood_ceilings += ood_ceiling(z, args.epoch)
+        if args.ceilings_only:
+            continue
         out_of_distribution(z, args.epoch, args.seeds, args.epochs, args.methods, ood, save, not args.no_augment,
                             args.train_all_epochs)
     save()
