@@ -357,6 +357,12 @@ def markdown(rows, ood, ceilings, args, ood_ceilings=()) -> str:
             exact = f"{statistics.mean(c['n_exact'] for c in sel):.0f}" if all("n_exact" in c for c in sel) else "?"
             lines.append(f"| {zoo} | {cutoff}% | {sel[0]['n_test']} | {exact} | {sel[0]['n_eval']} | "
                          f"{statistics.mean(c['ceiling'] for c in sel):.3f} |")
+    unmatched = [c for c in ood_ceilings if c["zoo"] not in {r["zoo"] for r in ood}]  # no OOD rows to sit beside
+    if unmatched:
+        lines += ["", "Ceilings of out-of-distribution test sets (all members of the widest width; no OOD runs in "
+                      "this report): " + "; ".join(f"{c['zoo']}, width {c['test_width']}: {c['ceiling']:.3f} "
+                                                    f"({c['n_test']} members, {c['n_exact']} collapsed)"
+                                                    for c in unmatched) + "."]
     if args.combine:
         lines += ["", f"Rows merged from the runs {', '.join(args.combine)} (same splits and seeds; baseline "
                       "rows may come from an earlier run than ours when only ours changed; where two runs have a "
