@@ -1,7 +1,7 @@
 """Step time of the NFN optimizer against AdamW, measured interleaved.
 
-This machine's speed drifts by up to 2x over seconds (a shared VM), and `optimizer.py` times each optimizer
-in its own 1,000-step run, so its ratios carry that drift (repeated runs vary by 10-15%). Here every
+This machine's speed drifts (AdamW's median step on one task: 10.4 ms in one run, 13.3 ms in the next), and
+`optimizer.py` times each optimizer in its own 1,000-step run, so its ratios carry that drift. Here every
 optimizer trains its own copy of the task's model and takes one step in turn, the order rotating each
 round, on the same batch: each round's ratios compare steps taken within a fraction of a second of each other.
 
@@ -119,7 +119,7 @@ def summarize(task: str, times: dict[str, list[tuple[float, float]]], learned: L
                       "median_round_ratio": statistics.median(per_round), "round_ratio_q1": q1, "round_ratio_q3": q3,
                       "rounds_within_target": sum(x <= TARGET for x in per_round) / len(per_round),
                       "round_ratios": [round(x, 4) for x in per_round]}
-    nfn_steps = 2 * learned.horizon  # full strength for H steps, fading to 0 at 2H: the NFN runs until then
+    nfn_steps = 2 * learned.horizon  # full strength for H steps, fading to 0 at step 2H (it runs 2H - 1 steps)
     per_run = (nfn_steps * rows["nfn-running"]["step_ms"] + (RUN_STEPS - nfn_steps) * rows["base-alone"]["step_ms"])
     rows["nfn-over-a-run"] = {"step_ms": per_run / RUN_STEPS,
                               "ratio_of_medians": per_run / RUN_STEPS / rows["adamw"]["step_ms"]}

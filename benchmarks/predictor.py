@@ -217,10 +217,14 @@ def label_ceilings(path: str, epoch: int | None, cutoffs, seeds) -> list[dict]:
             test = sub.split(seed=seed)[2]
             if len(test) >= 2:
                 exact = torch.tensor([r["member"] in collapsed for r in test.records])
-                rows.append({"zoo": Path(path).name, "cutoff": cutoff, "seed": seed, "n_test": len(test),
-                             "n_eval": n_eval, "n_exact": int(exact.sum()),
-                             "ceiling": label_noise_ceiling(test.labels(), n_eval, exact=exact)})
+                rows.append({"zoo": Path(path).name, "cutoff": cutoff, "seed": seed, **_ceiling(test, n_eval, exact)})
     return rows
+
+
+def _ceiling(test: Zoo, n_eval: int, exact: torch.Tensor) -> dict:
+    """A test set's label-noise ceiling with what it depends on (its size, collapsed members, examples per label)."""
+    return {"n_test": len(test), "n_eval": n_eval, "n_exact": int(exact.sum()),
+            "ceiling": label_noise_ceiling(test.labels(), n_eval, exact=exact)}
 
 
 def _by_width(path: str, epoch: int | None) -> tuple[Zoo, Zoo, list[int], Zoo, Zoo]:
@@ -239,10 +243,8 @@ def ood_ceiling(path: str, epoch: int | None) -> list[dict]:
     _, zoo, widths, wide, _ = _by_width(path, epoch)
     if len(widths) < 2:
         return []
-    exact = wide.at_class_frequency()
-    n_eval = zoo.config.eval_test_size
-    return [{"zoo": Path(path).name, "test_width": widths[-1], "n_test": len(wide), "n_exact": int(exact.sum()),
-             "n_eval": n_eval, "ceiling": label_noise_ceiling(wide.labels(), n_eval, exact=exact)}]
+    return [{"zoo": Path(path).name, "test_width": widths[-1],
+             **_ceiling(wide, zoo.config.eval_test_size, wide.at_class_frequency())}]
 
 
 def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, methods, rows: list[dict],
