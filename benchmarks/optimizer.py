@@ -138,6 +138,14 @@ def _state_bytes(opt) -> int:
     return total
 
 
+def backward(model: nn.Module, opt: torch.optim.Optimizer, forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One batch's cross-entropy and fresh gradients (what precedes every optimizer step here); returns the loss."""
+    loss = nn.functional.cross_entropy(forward(model, x), y)
+    opt.zero_grad()
+    loss.backward()
+    return loss
+
+
 def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, batch_size: int = 64,
             schedule: str = "constant", correction_horizon: float | None = None) -> dict:
     model, (x, y), (xt, yt), forward = _task(task, seed)
@@ -150,9 +158,7 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
     for step in range(steps):
         start = time.perf_counter()
         idx = torch.randint(len(y), (batch_size,), generator=gen)
-        loss = nn.functional.cross_entropy(forward(model, x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
+        loss = backward(model, opt, forward, x[idx], y[idx])
         s0 = time.perf_counter()
         opt.step()
         opt_times.append(time.perf_counter() - s0)

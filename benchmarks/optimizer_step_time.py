@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
-from optimizer import _make_optimizer, _task  # noqa: E402
+from optimizer import _make_optimizer, _task, backward  # noqa: E402
 
 from nfn_plugins.memory import keep_freed_memory  # noqa: E402
 from nfn_plugins.optim import LearnedUpdate  # noqa: E402
@@ -82,9 +82,7 @@ def time_task(task: str, rounds: int, warmup: int, learned: LearnedUpdate, seed:
             i = (r + k) % len(names)
             model, opt = models[i], opts[names[i]]
             start = time.perf_counter()
-            loss = nn.functional.cross_entropy(forward(model, x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
+            backward(model, opt, forward, x[idx], y[idx])
             mid = time.perf_counter()
             opt.step()
             end = time.perf_counter()
@@ -95,9 +93,7 @@ def time_task(task: str, rounds: int, warmup: int, learned: LearnedUpdate, seed:
     ops = {}
     idx = torch.randint(len(y), (64,), generator=gen)
     for model, (name, opt) in zip(models, opts.items()):  # one more step each, counted, not timed
-        loss = nn.functional.cross_entropy(forward(model, x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
+        backward(model, opt, forward, x[idx], y[idx])
         with OpCounter() as counter:
             opt.step()
         ops[name] = counter.count
