@@ -113,14 +113,18 @@ BASE_OF = {"nfn": "adam", "nfn-muon": "muon", "equivariant-adam": "adam", "equiv
 
 
 def _make_optimizer(kind: str, model: nn.Module, lr: float, learned: LearnedUpdate | None,
-                    correction_horizon: float | None = None):
+                    correction_horizon: float | None = None, nesterov: bool | None = None):
+    """``nesterov`` (ours only): None takes the learned update's validated setting, for the base alone too."""
+    if nesterov is None and kind in OURS + LEARNED_KINDS:
+        nesterov = learned.nesterov if learned is not None else False
     if kind in ("nfn", "nfn-muon"):
         return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=correction_horizon,
-                            base_direction=BASE_OF[kind])
+                            base_direction=BASE_OF[kind], nesterov=nesterov)
     if kind == "nfn-never-fading":  # the same learned update with its correction at full strength throughout
-        return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=math.inf)
+        return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=math.inf,
+                            nesterov=nesterov)
     if kind in ("equivariant-adam", "equivariant-muon"):  # the base step alone
-        return NFNOptimizer(model, lr=lr, weight_decay=0.0, base_direction=BASE_OF[kind])
+        return NFNOptimizer(model, lr=lr, weight_decay=0.0, base_direction=BASE_OF[kind], nesterov=nesterov)
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     return torch.optim.Adam(model.parameters(), lr=lr)
@@ -147,9 +151,9 @@ def backward(model: nn.Module, opt: torch.optim.Optimizer, forward, x: torch.Ten
 
 
 def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, batch_size: int = 64,
-            schedule: str = "constant", correction_horizon: float | None = None) -> dict:
+            schedule: str = "constant", correction_horizon: float | None = None, nesterov: bool | None = None) -> dict:
     model, (x, y), (xt, yt), forward = _task(task, seed)
-    opt = _make_optimizer(kind, model, lr, learned, correction_horizon)
+    opt = _make_optimizer(kind, model, lr, learned, correction_horizon, nesterov)
     horizon = getattr(opt, "correction_horizon", None) if kind in ("nfn", "nfn-muon") else None
     # "linear": lr decays linearly to 0 over the budget (the Hugging Face Trainer's default), for every optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps) if schedule == "linear" else None
@@ -171,7 +175,9 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
     model.eval()
     with torch.no_grad():
         acc = float((forward(model, xt).argmax(-1) == yt).float().mean())
-    return {"task": task, "seed": seed, "optimizer": kind, "lr": lr, "horizon": horizon, "final_loss": curve[-1], "test_acc": acc,
+    muon = isinstance(opt, NFNOptimizer) and opt.param_groups[0]["base_direction"] == "muon"
+    return {"task": task, "seed": seed, "optimizer": kind, "lr": lr, "horizon": horizon,
+            "nesterov": opt.param_groups[0]["nesterov"] if muon else None, "final_loss": curve[-1], "test_acc": acc,
             "step_s": statistics.mean(step_times), "opt_step_s": statistics.mean(opt_times),
             # medians over the first steps, where the learned correction runs at full strength
             "step_early_s": statistics.median(step_times[:EARLY_STEPS]),
@@ -199,6 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--base-direction", help="comma-separated base steps for the NFN optimizer and the base alone "
                    "(adam: runs `nfn` and `equivariant-adam`; muon: `nfn-muon` and `equivariant-muon`; default: the "
                    "learned update's validated one)")
+    p.add_argument("--nesterov", choices=("on", "off"),
+                   help="Nesterov momentum in the Muon base, for the NFN optimizer and the base alone (default: the "
+                        "learned update's validated setting)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip AdamW and Adam and write only the runs' JSON (report with --combine and a run that has them)")
     p.add_argument("--no-base-alone", action="store_true",
@@ -243,7 +252,8 @@ def main(argv=None) -> int:
                 runs += [("nfn-never-fading", lr) for lr in lrs]
             for kind, lr, *horizon in runs:
                 r = run_one(task, kind, lr, steps, seed, learned, schedule=args.schedule,
-                            correction_horizon=horizon[0] if horizon else None)
+                            correction_horizon=horizon[0] if horizon else None,
+                            nesterov={"on": True, "off": False, None: None}[args.nesterov])
                 if kind in LEARNED_KINDS:
                     r["learned"] = args.learned
                 print(f"[optimizer] {task:<16} seed {seed} {kind:<17} lr={lr:<7g} final {r['final_loss']:.4f} "
@@ -264,7 +274,7 @@ def combine_runs(stems: list[str]) -> list[dict]:
         for r in saved["runs"]:
             if r["optimizer"] in LEARNED_KINDS:
                 r.setdefault("learned", saved["args"]["learned"])  # files from before rows named it
-            key = (r["task"], r["seed"], r["optimizer"], r.get("learned"), r["lr"], r["horizon"])
+            key = (r["task"], r["seed"], _label(r), r["lr"], r["horizon"])
             if key in rows and rows[key]["curve"] != r["curve"]:
                 raise ValueError(f"{stem}.json repeats run {key} with a different loss curve: the files come from "
                                  "different code or settings and cannot be reported together")
@@ -345,8 +355,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _label(r: dict) -> str:
-    """The optimizer, with the learned update it ran (reports may combine several)."""
-    return f"{r['optimizer']} ({r['learned']})" if r.get("learned") else r["optimizer"]
+    """The optimizer, with Nesterov momentum if its Muon base had it and the learned update it ran (reports may
+    combine several)."""
+    kind = r["optimizer"] + ("-nesterov" if r.get("nesterov") else "")  # rows from before the option: without
+    return f"{kind} ({r['learned']})" if r.get("learned") else kind
 
 
 def _median_steps(reach: list[int | None]) -> float | None:
@@ -370,7 +382,8 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
         "tuned per task; the learned correction at full strength for H steps (the `horizon` column), fading "
         "linearly to 0 at step 2H (then the base step alone; the NFN no longer runs). Base steps: `nfn` and "
         "`equivariant-adam` use equivariant Adam, `nfn-muon` and `equivariant-muon` Muon's orthogonalised momentum "
-        f"for the block matrices (the shipped update's: {learned.base_direction}). AdamW lr tuned per "
+        f"for the block matrices (the shipped update's: {learned.base_direction}); `-nesterov`: Muon's direction "
+        f"from Nesterov momentum (the shipped update's: {'on' if learned.nesterov else 'off'}). AdamW lr tuned per "
         f"task and seed on {ADAMW_GRID} (MiniLM: {MINILM_ADAMW_GRID}); Adam at its default lr 1e-3. Learning-rate "
         f"schedule for every optimizer: {args.schedule}{' (decay to 0 over the budget)' if args.schedule == 'linear' else ''}. "
         f"Seeds {', '.join(map(str, seeds))} (model init and batches); means over seeds. "

@@ -50,7 +50,7 @@ def _optimizers(models: list[nn.Module], learned: LearnedUpdate) -> dict[str, to
     adamw_model, base_model, nfn_model = models
     return {
         "adamw": _make_optimizer("adamw", adamw_model, 1e-3, None),
-        "base-alone": _make_optimizer(base, base_model, lr, None),
+        "base-alone": _make_optimizer(base, base_model, lr, None, nesterov=learned.nesterov),
         "nfn-running": _make_optimizer(nfn, nfn_model, lr, learned, correction_horizon=math.inf),
     }
 
@@ -130,7 +130,9 @@ def markdown(results: list[dict], args, learned: LearnedUpdate) -> str:
     lines = [
         "# NFN optimizer step time vs AdamW, interleaved",
         "",
-        f"Learned update `{args.learned}` on its {learned.base_direction} base at lr {learned.recommended_lr:g}; "
+        f"Learned update `{args.learned}` on its {learned.base_direction} base"
+        f"{' with Nesterov momentum' if learned.nesterov and learned.base_direction == 'muon' else ''} at lr "
+        f"{learned.recommended_lr:g}; "
         f"AdamW at lr 1e-3 with torch's defaults. Each round every optimizer takes one training step (forward, "
         f"backward, optimizer step) on the same batch of 64, in rotating order, each on its own copy of the model; "
         f"{args.warmup} warm-up rounds are not timed. `NFN running`: the correction never fades, so the NFN runs "

@@ -46,6 +46,7 @@ class MetaConfig:
     depths: tuple[int, ...] = (1, 2)
     lr_range: tuple[float, float] = (3e-4, 3e-3)
     base_direction: str = "adam"  # the base step the correction learns to improve (see NFNOptimizer)
+    nesterov: bool = True  # Muon's Nesterov momentum (no effect on the Adam base)
     batch_size: int = 64
     train_subset: int = 20_000
     meta_lr: float = 3e-3
@@ -77,7 +78,7 @@ class Task:
         self.head_cov: dict[str, torch.Tensor] = {}
         self.t = 0
         self.data, self.gen, self.batch_size = data, gen, cfg.batch_size
-        self.base_direction = cfg.base_direction
+        self.base_direction, self.nesterov = cfg.base_direction, cfg.nesterov
 
     def loss(self, weights: WeightSpace) -> torch.Tensor:
         x, y = self.data
@@ -98,7 +99,7 @@ class Task:
         with torch.set_grad_enabled(track):
             new_blocks, m, v, self.head_cov = block_update(learned, weights, grads, self.m, self.v, self.head_cov,
                                                            self.t, self.lr, (0.9, 0.999), 1e-8, 0.0,
-                                                           base_direction=self.base_direction)
+                                                           base_direction=self.base_direction, nesterov=self.nesterov)
         new = dict(new_blocks)
         m_all, v_all = dict(self.m.tensors), dict(self.v.tensors)
         m_all.update({n: x.detach() for n, x in m.items()})
@@ -210,7 +211,8 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--sparse-every must be >= 1 and --dense-steps >= 0, "
                          f"got {args.sparse_every} and {args.dense_steps}")
     cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init, dense_steps=args.dense_steps,
-                     sparse_every=args.sparse_every, n_layers=args.layers, base_direction=args.base_direction)
+                     sparse_every=args.sparse_every, n_layers=args.layers, base_direction=args.base_direction,
+                     nesterov=args.nesterov)
     if args.lr_range:
         cfg.lr_range = _min_max(args.lr_range, "--lr-range", float)
     if args.task_steps:
@@ -238,6 +240,8 @@ def add_parser(subparsers) -> None:
                    "meta-train for longer training runs")
     m.add_argument("--base-direction", choices=BASE_DIRECTIONS, default=MetaConfig.base_direction,
                    help="the base step under the learned correction (muon: orthogonalised momentum for the matrices)")
+    m.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=MetaConfig.nesterov,
+                   help="Nesterov momentum in the muon base (default on, as in Muon)")
     m.add_argument("--lr-range", help="MIN,MAX of the tasks' learning rates, sampled log-uniformly (default 3e-4,3e-3)")
     m.add_argument("--layers", type=int, default=MetaConfig.n_layers, help="equivariant layers of a new learned update")
     m.add_argument("--dense-steps", type=int, default=MetaConfig.dense_steps,

@@ -14,7 +14,8 @@ Block weights (per-head Q/K/V/O, MLP, norms) get
   "muon": the block matrices (per-head Q/K/V/O, the MLP's) take Muon's direction instead, the first moment
   orthogonalised per matrix (`orthogonalized`); biases and norms keep equivariant Adam. A matrix function of
   the momentum, it commutes with the same group; on validation ViTs it reaches tuned AdamW's 1,000-step loss
-  in ~550 steps where equivariant Adam takes ~800 (benchmarks/results/optimizer_validation.md).
+  in ~550 steps where equivariant Adam takes ~800 (benchmarks/results/optimizer_validation.md). With
+  ``nesterov`` (Muon's default) it orthogonalises the momentum one step ahead, beta1 m + (1 - beta1) g.
 - ``correction`` comes from a Transformer-NFN reading (weights, gradient, momentum, base direction) of the
   whole model at once (the tensors outside the blocks with zero momentum and direction: their steps are the
   base optimizer's, and meta-training feeds the same); it is bounded (`bounded`) and scaled by
@@ -204,6 +205,12 @@ class LearnedUpdate(checkpoints.Pretrained, nn.Module):
         return self.meta.get("base_direction", self.meta.get("meta_config", {}).get("base_direction", "adam"))
 
     @property
+    def nesterov(self) -> bool:
+        """Whether Muon's direction used Nesterov momentum when this update was validated (metadata
+        ``nesterov``), else when it was meta-trained (False before the choice existed)."""
+        return bool(self.meta.get("nesterov", self.meta.get("meta_config", {}).get("nesterov", False)))
+
+    @property
     def recommended_lr(self) -> float:
         """The NFN optimizer's lr chosen for this update on validation tasks (metadata), else AdamW's default."""
         return float(self.meta.get("recommended_lr", 1e-3))
@@ -229,6 +236,8 @@ class NFNOptimizer(torch.optim.Optimizer):
             fades if unknown); ``math.inf``: never fade.
         base_direction: "adam" (equivariant Adam) or "muon" (orthogonalised momentum for the block matrices);
             None: ``learned.base_direction`` (the one validated with the update), else "adam".
+        nesterov: Nesterov momentum for Muon's direction (no effect on the Adam base); None:
+            ``learned.nesterov`` (the one validated with the update), else True (Muon's default).
         nonfinite: "skip" (warn and skip the whole step when any gradient is NaN/inf) or "raise".
         base_optimizer: class for the parameters outside the blocks (AdamW by default).
         base_kwargs: more arguments for it; ``foreach=True`` unless given, where it takes one (one multi-tensor
@@ -240,7 +249,7 @@ class NFNOptimizer(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, learned: LearnedUpdate | None = None,
                  nonfinite: str = "skip", base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
                  base_kwargs: dict | None = None, extra_axes=None, correction_horizon: float | None = None,
-                 base_direction: str | None = None):
+                 base_direction: str | None = None, nesterov: bool | None = None):
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         self.binding: Binding = bind(model, extra_axes, strict=False)
@@ -251,9 +260,11 @@ class NFNOptimizer(torch.optim.Optimizer):
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         if base_direction is None:
             base_direction = learned.base_direction if learned is not None else "adam"
+        if nesterov is None:
+            nesterov = learned.nesterov if learned is not None else True
         super().__init__([{"params": block, "name": "nfn_blocks"}],
                          dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                              base_direction=_check_base_direction(base_direction)))
+                              base_direction=_check_base_direction(base_direction), nesterov=bool(nesterov)))
         self.learned = learned
         horizon = correction_horizon if correction_horizon is not None else (learned.horizon if learned else None)
         if horizon is not None and not horizon > 0:
@@ -295,7 +306,8 @@ class NFNOptimizer(torch.optim.Optimizer):
         base_state = state_dict.pop("base_state", None)
         self.skipped_steps = state_dict.pop("skipped_steps", 0)
         super().load_state_dict(state_dict)
-        self.param_groups[0].setdefault("base_direction", "adam")  # saved before the choice existed
+        self.param_groups[0].setdefault("base_direction", "adam")  # saved before these choices existed
+        self.param_groups[0].setdefault("nesterov", False)
         if self.base is not None:
             if base_state is not None:
                 self.base.load_state_dict({"state": base_state, "param_groups": self.base.state_dict()["param_groups"]})
@@ -378,7 +390,7 @@ class NFNOptimizer(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = (b.read(source(key), blocks_only=True) for key in ("exp_avg", "exp_avg_sq"))
         *new, covs = block_update(learned, weights, grads, exp_avg, exp_avg_sq,
                                   self._head_covariances(slots), step, group["lr"], group["betas"], group["eps"],
-                                  group["weight_decay"], fade, group["base_direction"])
+                                  group["weight_decay"], fade, group["base_direction"], group["nesterov"])
         targets, values = [], []
         for key, tensors in zip(("weight", "exp_avg", "exp_avg_sq"), new):
             for handle, value in b.to_parameters(tensors, blocks_only=True):
@@ -408,7 +420,7 @@ def whitened(base_direction: str) -> tuple[str, ...]:
 def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, grads: WeightSpace | Tensors,
                  exp_avg: WeightSpace | Tensors, exp_avg_sq: WeightSpace | Tensors, head_cov: Tensors, step: int,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, correction_scale: float = 1.0,
-                 base_direction: str = "adam") -> tuple[Tensors, Tensors, Tensors, Tensors]:
+                 base_direction: str = "adam", nesterov: bool = False) -> tuple[Tensors, Tensors, Tensors, Tensors]:
     """One update of the block tensors in canonical layout: (new weights, first and second moments, head
     covariances).
 
@@ -418,7 +430,8 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, 
     base direction of the tensors outside the blocks (the base optimizer's business). ``head_cov``
     maps each per-head tensor to its gradient covariance EMA [L, H, d, d] (missing: zeros, a first step).
     ``correction_scale`` multiplies the learned correction (the optimizer's fade); ``base_direction`` picks
-    equivariant Adam or Muon for the block matrices (see the module docstring).
+    equivariant Adam or Muon for the block matrices (see the module docstring); ``nesterov``: Muon's Nesterov
+    momentum (the Adam direction ignores it).
     """
     beta1, beta2 = betas
     names = [n for n in BLOCK_AXES if n in weights]
@@ -443,7 +456,11 @@ def block_update(learned: LearnedUpdate | None, weights: WeightSpace | Tensors, 
         cov[n] = new_cov * (1 - beta2) + (head_cov[n] * beta2 if n in head_cov else 0.0)
     for n, inv_sqrt in head_inverse_sqrt(cov).items():
         direction[n] = whiten(n, direction[n], inv_sqrt)
-    direction.update(orthogonalized_all({n: m[n] for n in muon}))  # scale-free: no bias correction either
+    # Nesterov: Muon orthogonalises beta1 * m + (1 - beta1) * g, the momentum one step ahead
+    ahead = [m[n] for n in muon]
+    if nesterov and muon:
+        ahead = torch._foreach_lerp([grads[n] for n in muon], ahead, beta1)
+    direction.update(orthogonalized_all(dict(zip(muon, ahead))))  # scale-free: no bias correction either
     if learned is not None:
         dtype = next(learned.parameters()).dtype
         outer_zeros = {n: torch.zeros_like(x) for n, x in weights.items() if n not in m}

@@ -41,9 +41,11 @@ def test_meta_training_from_a_validated_update_on_the_muon_base(tmp_path):
     """--init starts from an update's weights but not its validated lr / horizon / base step (they were chosen
     for it, not for what training makes of it); the base step meta-trained on is what the result reports."""
     init = meta_train(tmp_path / "a", _tiny(), progress=False)
-    init.save_pretrained(tmp_path / "a" / "learned", recommended_lr=0.5, correction_horizon=7, base_direction="adam")
+    init.save_pretrained(tmp_path / "a" / "learned", recommended_lr=0.5, correction_horizon=7, base_direction="adam",
+                         nesterov=False)
     out = meta_train(tmp_path / "b", _tiny(init=str(tmp_path / "a" / "learned"), base_direction="muon"), progress=False)
     saved = LearnedUpdate.from_pretrained(tmp_path / "b" / "learned")
-    assert not {"recommended_lr", "correction_horizon", "base_direction"} & set(saved.meta)
+    assert not {"recommended_lr", "correction_horizon", "base_direction", "nesterov"} & set(saved.meta)
     assert saved.base_direction == "muon" and saved.horizon == 4 and saved.recommended_lr == 1e-3
+    assert saved.nesterov is True  # meta-trained with MetaConfig's default
     assert not torch.equal(out.gain, init.gain)

@@ -37,11 +37,12 @@ def _learned(seed: int = 0, dtype=torch.float64, n_layers: int = 2) -> LearnedUp
     return lu.to(dtype)
 
 
-@pytest.mark.parametrize("name,n_layers,base", [("bert", 2, "adam"), ("llama_tied", 2, "adam"), ("bert", 1, "adam"),
-                                                ("bert", 2, "muon"), ("llama_tied", 2, "muon")])
-def test_update_is_equivariant(name, n_layers, base, exact_float64):
+@pytest.mark.parametrize("name,n_layers,base,nesterov", [
+    ("bert", 2, "adam", False), ("llama_tied", 2, "adam", False), ("bert", 1, "adam", False),
+    ("bert", 2, "muon", True), ("llama_tied", 2, "muon", True), ("bert", 2, "muon", False)])
+def test_update_is_equivariant(name, n_layers, base, nesterov, exact_float64):
     """update(g.W, g.G) = g.update(W, G) for orthogonal head maps + permutations, learned correction active,
-    on either base direction."""
+    on either base direction (Muon's with and without Nesterov momentum)."""
     model, make_inputs = build(name)
     inputs = make_inputs(0)
     ws = extract_weights(model)
@@ -49,8 +50,8 @@ def test_update_is_equivariant(name, n_layers, base, exact_float64):
     moved = copy.deepcopy(model)
     load_weights(moved, g.act(ws))
     learned = _learned(n_layers=n_layers)
-    opt_a = NFNOptimizer(model, lr=1e-2, weight_decay=0.1, learned=learned, base_direction=base)
-    opt_b = NFNOptimizer(moved, lr=1e-2, weight_decay=0.1, learned=learned, base_direction=base)
+    opt_a = NFNOptimizer(model, lr=1e-2, weight_decay=0.1, learned=learned, base_direction=base, nesterov=nesterov)
+    opt_b = NFNOptimizer(moved, lr=1e-2, weight_decay=0.1, learned=learned, base_direction=base, nesterov=nesterov)
     _train(model, opt_a, inputs, 3)
     _train(moved, opt_b, inputs, 3)
     after, after_moved = extract_weights(model), extract_weights(moved)
@@ -120,6 +121,28 @@ def test_muon_base_changes_the_matrices_step_only(exact_float64):
         assert same == (name not in ("q", "k", "v", "o", "up", "down")), name
     kept = {k for st in opts["muon"].state.values() for k in st if k.startswith("head_cov_")}
     assert kept and all(k.endswith("_bias") for k in kept)
+
+
+def test_nesterov_orthogonalises_the_momentum_one_step_ahead(exact_float64):
+    """Muon's matrices step along orth(beta1 m' + (1 - beta1) g) with Nesterov, orth(m') without, where
+    m' = beta1 m + (1 - beta1) g is the new momentum; biases and norms (Adam's direction) ignore the option."""
+    model, _ = build("bert")
+    ws = extract_weights(model)
+    gen = torch.Generator().manual_seed(0)
+    noise = lambda: {n: torch.randn(x.shape, generator=gen, dtype=x.dtype) for n, x in ws.items()}  # noqa: E731
+    grads, m = WeightSpace(ws.spec, noise()), WeightSpace(ws.spec, noise())
+    v = WeightSpace(ws.spec, {n: x.square() for n, x in noise().items()})
+    lr, beta1 = 1e-2, 0.9
+    new = {nesterov: block_update(None, ws, grads, m, v, {}, 3, lr, (beta1, 0.999), 1e-8, 0.0,
+                                  base_direction="muon", nesterov=nesterov)[0] for nesterov in (False, True)}
+    for name in ("q", "o", "up", "down"):
+        m_new = beta1 * m[name] + (1 - beta1) * grads[name]
+        for nesterov, ahead in ((False, m_new), (True, beta1 * m_new + (1 - beta1) * grads[name])):
+            expected = ws[name] - lr * orthogonalized(ahead)
+            assert torch.allclose(new[nesterov][name], expected, atol=1e-12), (name, nesterov)
+        assert not torch.allclose(new[False][name], new[True][name], atol=1e-6)  # the option matters
+    for name in ("q_bias", "o_bias", "norm1_weight"):
+        assert torch.equal(new[False][name], new[True][name]), name
 
 
 def _whitened(name: str, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -272,7 +295,7 @@ def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path
 def test_param_groups_state_dict_and_bit_identical_resume(base):
     model, make_inputs = build("llama_untied")
     inputs = make_inputs(0)
-    opt = NFNOptimizer(model, lr=1e-2, learned=_learned(), base_direction=base)
+    opt = NFNOptimizer(model, lr=1e-2, learned=_learned(), base_direction=base, nesterov=True)
     assert [g["name"] for g in opt.param_groups] == ["nfn_blocks", "base"]
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len([p for p in model.parameters()])
@@ -282,12 +305,28 @@ def test_param_groups_state_dict_and_bit_identical_resume(base):
 
     resumed = copy.deepcopy(model)
     resumed.load_state_dict(saved_model)
-    opt2 = NFNOptimizer(resumed, lr=1e-2, learned=_learned())  # the saved param group brings base_direction
+    opt2 = NFNOptimizer(resumed, lr=1e-2, learned=_learned())  # the saved param group brings these choices
+    assert opt2.param_groups[0]["nesterov"] is False  # the update's metadata does not ask for it
     opt2.load_state_dict(saved_opt)
-    assert opt2.param_groups[0]["base_direction"] == base
+    assert opt2.param_groups[0]["base_direction"] == base and opt2.param_groups[0]["nesterov"] is True
     assert opt2.base.param_groups[0] is opt2.param_groups[1]
     _train(resumed, opt2, inputs, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def test_state_saved_before_the_base_choices_existed_loads_as_what_it_ran():
+    """A state dict from before ``base_direction`` and ``nesterov`` were options ran equivariant Adam, and Muon
+    (had it run it) without Nesterov: loading it must not switch to today's defaults."""
+    model, make_inputs = build("bert")
+    opt = NFNOptimizer(model, lr=1e-2)
+    _train(model, opt, make_inputs(0), 1)
+    old = copy.deepcopy(opt.state_dict())
+    for key in ("base_direction", "nesterov"):
+        del old["param_groups"][0][key]
+    resumed = NFNOptimizer(copy.deepcopy(model), lr=1e-2, base_direction="muon")
+    assert resumed.param_groups[0]["nesterov"] is True  # the default without a learned update
+    resumed.load_state_dict(old)
+    assert resumed.param_groups[0]["base_direction"] == "adam" and resumed.param_groups[0]["nesterov"] is False
 
 
 def test_scheduler_reaches_the_base_optimizer():
