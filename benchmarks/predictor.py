@@ -50,8 +50,8 @@ from nfn_plugins.predictor import (  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ours", "ours-scale-head", "ours-collapse", "scale-mlp", "paper-nfn", "statnn", "gbt", "gbt-invariant",
-           "gbt-collapse", "flat-mlp")
+METHODS = ("ours", "ours-scale-head", "ours-collapse", "scale-mlp", "scale-mlp-sizes", "paper-nfn", "statnn", "gbt",
+           "gbt-invariant", "gbt-collapse", "flat-mlp")
 COLLAPSE = ("ours-collapse", "gbt-collapse")  # with the collapse rule (nfn_plugins/nn/collapse.py): need the masks
 SCATTERED = ("ours", "ours-collapse")  # the predicted-vs-true plot's methods
 RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick",
@@ -59,7 +59,7 @@ RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epoch
 OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2),
         "ours-collapse": PredictorConfig()}  # the shipped config first; ours-collapse gets the zoo's n_classes
 # methods that read any width and depth (the others need one fixed architecture)
-WIDTH_AGNOSTIC = (*OURS, "scale-mlp", "statnn", "gbt", "gbt-invariant", "gbt-collapse")
+WIDTH_AGNOSTIC = (*OURS, "scale-mlp", "scale-mlp-sizes", "statnn", "gbt", "gbt-invariant", "gbt-collapse")
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -127,10 +127,10 @@ def run_method(method: str, train, val, test, seed: int, epochs: int, augment: b
             pred = _gbt_collapse(pred, features, train, test, labels, torch.cat(collapsed), n_classes)
         n_params = 0
     else:
-        if method not in ("scale-mlp", "statnn") and not per_block:
+        if method not in ("scale-mlp", "scale-mlp-sizes", "statnn") and not per_block:
             raise ValueError(f"{method} handles one architecture only")
         model = {"paper-nfn": lambda: PaperTransformerNFN(spec), "statnn": lambda: StatNN(spec, per_block=per_block),
-                 "scale-mlp": lambda: ScaleMLP(),
+                 "scale-mlp": lambda: ScaleMLP(), "scale-mlp-sizes": lambda: ScaleMLP(sizes=True),
                  "flat-mlp": lambda: FlatMLP(spec, max_features=20_000, seed=seed)}[method]()
         if hasattr(model, "fit_normalizer"):
             model.fit_normalizer(torch.cat([model.features(ws) for ws, _ in train]))

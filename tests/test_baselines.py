@@ -3,6 +3,7 @@ features / MLP / gradient-boosted trees, and the flat-weights MLP."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 
@@ -289,9 +290,10 @@ def test_invariant_statnn_features_are_invariant_under_the_nfn_group(kv):
 
 
 # -- ScaleMLP ----------------------------------------------------------------------------------
-def test_scale_mlp_is_invariant_and_takes_any_architecture():
+@pytest.mark.parametrize("sizes", [False, True])
+def test_scale_mlp_is_invariant_and_takes_any_architecture(sizes):
     gen = torch.Generator().manual_seed(4)
-    model = ScaleMLP().double()
+    model = ScaleMLP(sizes=sizes).double()
     outputs = []
     for spec in (make_spec(), make_spec(D=12, H=4, kv=2, A=10, L=3)):
         ws = rand_ws(spec, (5,), gen)
@@ -303,3 +305,14 @@ def test_scale_mlp_is_invariant_and_takes_any_architecture():
     ws = rand_ws(make_spec(), (5,), gen)
     scaled = WeightSpace(ws.spec, {**ws.tensors, "up": 3 * ws["up"]})
     assert rel(model(scaled), model(ws)) > 1e-4
+
+
+def test_scale_mlp_sizes_are_the_log_sizes_of_the_architecture():
+    """The last three features are log(width), log(MLP width), log(heads); the others are the plain ScaleMLP's."""
+    gen = torch.Generator().manual_seed(5)
+    spec = make_spec(D=12, H=4, kv=2, A=10, L=3)
+    ws = rand_ws(spec, (2,), gen)
+    plain, with_sizes = ScaleMLP().double().features(ws), ScaleMLP(sizes=True).double().features(ws)
+    assert torch.equal(with_sizes[:, : plain.shape[1]], plain)
+    expected = torch.tensor([math.log(12), math.log(10), math.log(4)], dtype=torch.float64)
+    assert torch.allclose(with_sizes[:, plain.shape[1] :], expected.expand(2, 3))
