@@ -240,8 +240,10 @@ class NFNOptimizer(torch.optim.Optimizer):
             ``learned.nesterov`` (the one validated with the update), else True (Muon's default).
         nonfinite: "skip" (warn and skip the whole step when any gradient is NaN/inf) or "raise".
         base_optimizer: class for the parameters outside the blocks (AdamW by default).
-        base_kwargs: more arguments for it; ``foreach=True`` unless given, where it takes one (one multi-tensor
-            op per moment instead of one op per tensor, which torch leaves off on CPU; same arithmetic).
+        base_kwargs: more arguments for it. ``lr`` and ``weight_decay`` here override the shared ones for those
+            parameters (say a lower lr for a text model's embeddings); ``betas`` and ``eps`` default to this
+            optimizer's, and ``foreach`` to True, where it takes them (one multi-tensor op per moment instead of
+            one op per tensor, which torch leaves off on CPU; same arithmetic).
         extra_axes: see `extract_weights`.
     """
 
@@ -275,9 +277,11 @@ class NFNOptimizer(torch.optim.Optimizer):
         self.base = None
         if others:
             base_kwargs = dict(base_kwargs or {})
-            if "foreach" in inspect.signature(base_optimizer).parameters:
-                base_kwargs.setdefault("foreach", True)
-            self.base = base_optimizer(others, lr=lr, weight_decay=weight_decay, **base_kwargs)
+            takes = inspect.signature(base_optimizer).parameters
+            for key, value in (("foreach", True), ("betas", betas), ("eps", eps)):
+                if key in takes:
+                    base_kwargs.setdefault(key, value)
+            self.base = base_optimizer(others, **{"lr": lr, "weight_decay": weight_decay, **base_kwargs})
             self.base.param_groups[0]["name"] = "base"
             self.param_groups.append(self.base.param_groups[0])  # shared: schedulers and state_dict see both
         unmatched = ", ".join(h.name for h in self.binding.unmatched) or "none"

@@ -329,6 +329,20 @@ def test_state_saved_before_the_base_choices_existed_loads_as_what_it_ran():
     assert resumed.param_groups[0]["base_direction"] == "adam" and resumed.param_groups[0]["nesterov"] is False
 
 
+def test_base_optimizer_takes_its_own_lr_and_shares_betas():
+    """base_kwargs' lr / weight_decay override the shared ones for the parameters outside the blocks (a scheduler
+    then scales each group from its own lr); betas and eps reach the base optimizer unless it is told otherwise."""
+    model, _ = build("bert")
+    opt = NFNOptimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6,
+                       base_kwargs={"lr": 2e-3, "weight_decay": 0.0})
+    blocks, base = opt.param_groups
+    assert (blocks["lr"], blocks["weight_decay"], base["lr"], base["weight_decay"]) == (1e-2, 0.1, 2e-3, 0.0)
+    assert base["betas"] == (0.8, 0.99) and base["eps"] == 1e-6
+    assert NFNOptimizer(model, betas=(0.8, 0.99), base_kwargs={"betas": (0.5, 0.9)}).base.defaults["betas"] == (0.5, 0.9)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert (blocks["lr"], base["lr"]) == (5e-3, 1e-3)
+
+
 def test_scheduler_reaches_the_base_optimizer():
     model, make_inputs = build("bert")
     opt = NFNOptimizer(model, lr=1.0)
