@@ -127,7 +127,7 @@ def run_method(method: str, train, val, test, seed: int, epochs: int, augment: b
             pred = _gbt_collapse(pred, features, train, test, labels, torch.cat(collapsed), n_classes)
         n_params = 0
     else:
-        if method not in ("scale-mlp", "scale-mlp-sizes", "statnn") and not per_block:
+        if method not in WIDTH_AGNOSTIC and not per_block:
             raise ValueError(f"{method} handles one architecture only")
         model = {"paper-nfn": lambda: PaperTransformerNFN(spec), "statnn": lambda: StatNN(spec, per_block=per_block),
                  "scale-mlp": lambda: ScaleMLP(), "scale-mlp-sizes": lambda: ScaleMLP(sizes=True),
