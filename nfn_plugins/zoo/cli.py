@@ -1,7 +1,8 @@
 """``nfn-plugins zoo ...``: build, inspect and verify transformer zoos.
 
     nfn-plugins zoo build --preset mnist-paper --out zoos/mnist-paper
-    accelerate launch --cpu --num_processes 2 -m nfn_plugins.cli zoo build --preset mnist-paper --out zoos/mnist-paper
+    accelerate launch --multi_gpu --num_processes 2 -m nfn_plugins.cli zoo build --preset mnist-paper --out zoos/mnist-paper
+    (``--multi_gpu`` is accelerate's multi-process launcher; on a CPU-only machine it starts CPU processes)
     nfn-plugins zoo info zoos/mnist-paper
     nfn-plugins zoo verify zoos/mnist-paper
 """
