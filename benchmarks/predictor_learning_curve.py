@@ -7,6 +7,9 @@ says more members would help; a flat one says the method is the limit.
 
     python benchmarks/predictor_learning_curve.py --zoo zoos/mnist-paper-1k --fractions 0.25,0.5,1 --seeds 0,1,2
 
+The full training set (fraction 1) is `predictor.py`'s own split: ``--full <stem>`` takes those points from a
+`predictor.py` run of the same zoo (its results stem) instead of training them again.
+
 Writes benchmarks/results/<name>.{json,md,png} (name: --name, default predictor_learning_curve). Parallel runs
 (e.g. one per seed) are merged with ``--report-only --combine <name1>,<name2>``.
 """
@@ -28,7 +31,7 @@ from predictor import COLLAPSE, METHODS, RESULTS, WIDTH_AGNOSTIC, _mean_std, lab
 from nfn_plugins.predictor import as_groups, collapsed_masks  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
-RUN_SETTINGS = ("zoo", "epoch", "cutoff", "fractions", "seeds", "methods", "epochs")  # --resume must match these
+RUN_SETTINGS = ("zoo", "epoch", "cutoff", "fractions", "seeds", "methods", "epochs", "full")  # --resume must match these
 TARGET_TAU = 0.93  # issue 3's in-distribution target on the MNIST paper-family zoo
 
 
@@ -44,12 +47,25 @@ def nested_subsets(train: Zoo, fractions: list[float], seed: int) -> list[Zoo]:
     return subsets
 
 
+def full_size_rows(stem: str, zoo: str, cutoff: int, seeds, methods) -> list[dict]:
+    """The fraction-1 points from a `predictor.py` run: the same split, training members and budget."""
+    saved = json.loads((RESULTS / f"{stem}.json").read_text())
+    rows = [{**{k: v for k, v in r.items() if k != "scatter"}, "fraction": 1.0} for r in saved["rows"]
+            if r["zoo"] == zoo and r["cutoff"] == cutoff
+            and r["seed"] in seeds and r["method"] in methods and r.get("train_epochs", "one") == "one"]
+    if not rows:
+        raise SystemExit(f"--full {stem}: no rows of zoo {zoo!r} at cut-off {cutoff}% for {methods}")
+    return rows
+
+
 def run(args, rows: list[dict], save) -> None:
     zoo = Zoo.open(args.zoo).filter(finite=True)
     epoch = args.epoch or max(zoo.epochs)
     sub = zoo.filter(epoch=epoch, min_test_acc=args.cutoff / 100)
     n_classes = zoo.records[0]["arch"]["n_classes"]
     name = Path(args.zoo).name
+    if args.full:
+        rows += [r for r in full_size_rows(args.full, name, args.cutoff, args.seeds, args.methods) if r not in rows]
     done = {(r["seed"], r["method"], r["fraction"]) for r in rows}
     for seed in args.seeds:
         train_zoo, val_zoo, test_zoo = sub.split(seed=seed)
@@ -91,7 +107,8 @@ def markdown(rows, ceilings, args) -> str:
              f"split's training members; validation and test fixed). Cut-off {args.cutoff}%, 70/15/15 split by "
              f"member, seeds {sorted({r['seed'] for r in rows})}, {args.epochs} training epochs for the neural "
              f"methods (as in `predictor.md`). Label-noise ceiling of the test splits: {ceiling:.3f}; issue 3's "
-             f"target: {TARGET_TAU}. Produced by `benchmarks/predictor_learning_curve.py`.", "",
+             f"target: {TARGET_TAU}. Produced by `benchmarks/predictor_learning_curve.py`"
+             + (f"; the full training sets' points are `predictor.py`'s run `{args.full}`." if args.full else "."), "",
              f"![learning curve]({args.name}.png)", "",
              "| method | training members | splits | Kendall tau | gain over the previous size |",
              "|---|---|---|---|---|"]
@@ -136,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--methods", type=lambda s: s.split(","), default=["ours-collapse", "gbt-collapse", "scale-mlp"])
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--full", help="take the fraction-1 points from this predictor.py results stem")
     p.add_argument("--resume", action="store_true", help="keep the rows of an interrupted run with the same settings")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and the plot from the saved .json")
     p.add_argument("--name", default="predictor_learning_curve", help="results file stem in benchmarks/results/")
