@@ -1,4 +1,4 @@
-"""Recipe: the project's four transformer zoos (reproducible; resumable; see recipes/README.md).
+"""Recipe: the project's transformer zoos (reproducible; resumable; see recipes/README.md).
 
     python recipes/build_zoo.py list
     python recipes/build_zoo.py show mnist-paper           # the full config, as JSON
@@ -12,6 +12,7 @@
 | movies-paper | Rotten Tomatoes text  | the paper's zoo transformer, 2k-word vocab | 416 x 5 = 2,080     |
 | mnist-vit    | MNIST                 | ViTForImageClassification, D 16-64, 2/4 heads, 1-3 blocks | 768 x 4 = 3,072 |
 | movies-bert  | Rotten Tomatoes text  | BertForSequenceClassification, same grid  | 768 x 4 = 3,072      |
+| mnist-paper-1k | MNIST               | mnist-paper's members and 608 more        | 1,024 x 5 = 5,120    |
 
 The configurations are the presets in ``nfn_plugins/zoo/presets.py`` (hyperparameter grid of the paper:
 optimizer Adam / RMSprop / SGD / SGD+momentum, learning rate, init std, weight decay, train fraction,
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ZOOS = ("mnist-paper", "movies-paper", "mnist-vit", "movies-bert")
+ZOOS = ("mnist-paper", "movies-paper", "mnist-vit", "movies-bert", "mnist-paper-1k")
 
 
 def _git_commit() -> str | None:

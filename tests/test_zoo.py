@@ -227,6 +227,21 @@ def test_text_zoo_and_sharding_by_rank(tmp_path):
     assert again["members_trained"] == 0 and again["zoo_checkpoints"] == 10
 
 
+def test_grown_preset_has_the_smaller_zoos_members():
+    """mnist-paper-1k is mnist-paper plus more members: a member is fixed by the seed and its id alone, and
+    everything but the member count is the same configuration."""
+    from nfn_plugins.zoo.presets import preset
+
+    small, grown = preset("mnist-paper"), preset("mnist-paper-1k")
+    assert grown.n_members > small.n_members
+    same = {k: v for k, v in vars(grown).items() if k not in ("name", "n_members")}
+    assert same == {k: v for k, v in vars(small).items() if k not in ("name", "n_members")}
+    data = synthetic_images()
+    a, b = plan_members(small, data), plan_members(grown, data)
+    assert [(m.id, m.arch, m.hparams) for m in a] == [(m.id, m.arch, m.hparams) for m in b[: len(a)]]
+    assert len({repr(m.hparams) for m in b}) > len(a)  # the new members are new draws
+
+
 # -- bad input --------------------------------------------------------------------------------------
 def test_bad_configs(tmp_path):
     data = synthetic_images()

@@ -1,4 +1,4 @@
-"""Named zoo configurations: the four full zoos of ``recipes/build_zoo.py`` and a tiny one for CI.
+"""Named zoo configurations: the full zoos of ``recipes/build_zoo.py`` and a tiny one for CI.
 
 Budget notes (2 CPU cores): an "epoch" here is ``steps_per_epoch`` mini-batches of ``batch_size``, not
 a pass over the data, so that hundreds of members fit in an hour. The MNIST paper-family zoo trains
@@ -41,9 +41,9 @@ def _hf_archs(family: str, **extra) -> list[dict]:
 MOVIE_TEXT = {"max_len": 48, "vocab_size": 2000}
 
 
-def _paper_zoo(name: str, dataset: str, **extra) -> ZooConfig:
+def _paper_zoo(name: str, dataset: str, n_members: int = 416, **extra) -> ZooConfig:
     """The paper's model and grid: 416 members x checkpoints after epochs 1, 2, 4, 8, 16."""
-    return ZooConfig(name=name, dataset=dataset, archs=[{"family": "paper"}], grid=PAPER_GRID, n_members=416,
+    return ZooConfig(name=name, dataset=dataset, archs=[{"family": "paper"}], grid=PAPER_GRID, n_members=n_members,
                      checkpoint_epochs=[1, 2, 4, 8, 16], steps_per_epoch=75, batch_size=16, eval_test_size=1000,
                      eval_train_size=200, members_per_batch=64, **extra)
 
@@ -59,6 +59,8 @@ def _hf_zoo(name: str, dataset: str, archs: list[dict], **extra) -> ZooConfig:
 PRESETS: dict[str, ZooConfig] = {
     # >= 2,000 checkpoints: 416 members x 5 checkpoint epochs, MNIST, the paper's model and grid.
     "mnist-paper": _paper_zoo("mnist-paper", "mnist"),
+    # the same members 0-415 and 608 more (a member is fixed by seed and id): the predictor's learning curve
+    "mnist-paper-1k": _paper_zoo("mnist-paper-1k", "mnist", n_members=1024),
     # the paper's model on movie-review sentiment; same budget
     "movies-paper": _paper_zoo("movies-paper", "movie_reviews", dataset_kwargs=MOVIE_TEXT),
     # HF ViT on MNIST: widths 16-64, 2 or 4 heads, 1-3 blocks, 7x7 patches (16 tokens)
