@@ -8,7 +8,8 @@ says more members would help; a flat one says the method is the limit.
     python benchmarks/predictor_learning_curve.py --zoo zoos/mnist-paper-1k --fractions 0.25,0.5,1 --seeds 0,1,2
 
 The full training set (fraction 1) is `predictor.py`'s own split: ``--full <stem>`` takes those points from a
-`predictor.py` run of the same zoo (its results stem) instead of training them again.
+`predictor.py` run of the same zoo (its results stem) instead of training them again (also with
+``--report-only``, so both can run side by side).
 
 Writes benchmarks/results/<name>.{json,md,png} (name: --name, default predictor_learning_curve). Parallel runs
 (e.g. one per seed) are merged with ``--report-only --combine <name1>,<name2>``.
@@ -31,7 +32,7 @@ from predictor import COLLAPSE, METHODS, RESULTS, WIDTH_AGNOSTIC, _mean_std, lab
 from nfn_plugins.predictor import as_groups, collapsed_masks  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
-RUN_SETTINGS = ("zoo", "epoch", "cutoff", "fractions", "seeds", "methods", "epochs", "full")  # --resume must match these
+RUN_SETTINGS = ("zoo", "epoch", "cutoff", "fractions", "seeds", "methods", "epochs")  # --resume must match these
 TARGET_TAU = 0.93  # issue 3's in-distribution target on the MNIST paper-family zoo
 
 
@@ -49,7 +50,10 @@ def nested_subsets(train: Zoo, fractions: list[float], seed: int) -> list[Zoo]:
 
 def full_size_rows(stem: str, zoo: str, cutoff: int, seeds, methods) -> list[dict]:
     """The fraction-1 points from a `predictor.py` run: the same split, training members and budget."""
-    saved = json.loads((RESULTS / f"{stem}.json").read_text())
+    path = RESULTS / f"{stem}.json"
+    if not path.exists():
+        raise SystemExit(f"--full {stem}: {path} not found (give the results stem of a predictor.py run)")
+    saved = json.loads(path.read_text())
     rows = [{**{k: v for k, v in r.items() if k != "scatter"}, "fraction": 1.0} for r in saved["rows"]
             if r["zoo"] == zoo and r["cutoff"] == cutoff
             and r["seed"] in seeds and r["method"] in methods and r.get("train_epochs", "one") == "one"]
@@ -64,8 +68,6 @@ def run(args, rows: list[dict], save) -> None:
     sub = zoo.filter(epoch=epoch, min_test_acc=args.cutoff / 100)
     n_classes = zoo.records[0]["arch"]["n_classes"]
     name = Path(args.zoo).name
-    if args.full:
-        rows += [r for r in full_size_rows(args.full, name, args.cutoff, args.seeds, args.methods) if r not in rows]
     done = {(r["seed"], r["method"], r["fraction"]) for r in rows}
     for seed in args.seeds:
         train_zoo, val_zoo, test_zoo = sub.split(seed=seed)
@@ -97,6 +99,13 @@ def _curves(rows) -> dict[str, list[tuple[float, tuple[float, float], int]]]:
                            len(sel)))
         curves[method] = points
     return curves
+
+
+def with_full(rows: list[dict], args) -> list[dict]:
+    """The run's rows and, with ``--full``, the full training sets' points from that `predictor.py` run."""
+    if not args.full or not rows:
+        return rows
+    return rows + full_size_rows(args.full, rows[0]["zoo"], args.cutoff, args.seeds, args.methods)
 
 
 def markdown(rows, ceilings, args) -> str:
@@ -170,8 +179,8 @@ def main(argv=None) -> int:
             write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),
                                                               "combined_from": args.combine, "rows": rows,
                                                               "ceilings": ceilings})
-        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ceilings, args))
-        plot(rows, ceilings, args.name)
+        write_atomic(RESULTS / f"{args.name}.md", markdown(with_full(rows, args), ceilings, args))
+        plot(with_full(rows, args), ceilings, args.name)
         return 0
     if not args.zoo:
         p.error("give --zoo (or --report-only)")
@@ -180,6 +189,10 @@ def main(argv=None) -> int:
         p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     if any(not 0 < f <= 1 for f in args.fractions) or sorted(args.fractions) != args.fractions:
         p.error(f"--fractions must be increasing and in (0, 1], got {args.fractions}")
+    if args.full and 1.0 in args.fractions:
+        p.error("--full gives the full training set's points: leave 1 out of --fractions")
+    if args.full:
+        full_size_rows(args.full, Path(args.zoo).name, args.cutoff, args.seeds, args.methods)  # fail before training
     if len(Zoo.open(args.zoo).arch_keys) > 1 and set(args.methods) - set(WIDTH_AGNOSTIC):
         p.error(f"{args.zoo} has several architectures: only {', '.join(WIDTH_AGNOSTIC)} run there")
     out = RESULTS / f"{args.name}.json"
@@ -193,11 +206,11 @@ def main(argv=None) -> int:
 
     def save() -> None:  # after every row: an interrupted run resumes with --resume
         write_json_atomic(out, {"machine": machine_info(), "args": vars(args), "rows": rows, "ceilings": ceilings})
-        write_atomic(RESULTS / f"{args.name}.md", markdown(rows, ceilings, args))
+        write_atomic(RESULTS / f"{args.name}.md", markdown(with_full(rows, args), ceilings, args))
 
     run(args, rows, save)
     save()
-    plot(rows, ceilings, args.name)
+    plot(with_full(rows, args), ceilings, args.name)
     return 0
 
 
