@@ -137,7 +137,8 @@ def plot(rows, ceilings, name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method, points in _curves(rows).items():
+    curves = _curves(rows)
+    for method, points in curves.items():
         ax.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points],
                     marker="o", capsize=3, label=method)
     if ceilings:
@@ -145,6 +146,9 @@ def plot(rows, ceilings, name: str) -> None:
                    label="label-noise ceiling")
     ax.axhline(TARGET_TAU, color="grey", ls=":", lw=0.8, label=f"target {TARGET_TAU}")
     ax.set_xscale("log")
+    sizes = sorted({round(p[0]) for points in curves.values() for p in points})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("training members")
     ax.set_ylabel("Kendall tau on the test members")
     ax.set_title(rows[0]["zoo"] if rows else "", fontsize=10)
