@@ -157,6 +157,14 @@ def plot(rows, ceilings, name: str) -> None:
     save_figure_atomic(fig, RESULTS / f"{name}.png", dpi=110)
 
 
+def write_report(rows: list[dict], ceilings: list[dict], args, with_plot: bool = True) -> None:
+    """The .md (and the plot) of ``rows``, with ``--full``'s points added."""
+    shown = with_full(rows, args)
+    write_atomic(RESULTS / f"{args.name}.md", markdown(shown, ceilings, args))
+    if with_plot:
+        plot(shown, ceilings, args.name)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", help="zoo folder")
@@ -183,8 +191,7 @@ def main(argv=None) -> int:
             write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),
                                                               "combined_from": args.combine, "rows": rows,
                                                               "ceilings": ceilings})
-        write_atomic(RESULTS / f"{args.name}.md", markdown(with_full(rows, args), ceilings, args))
-        plot(with_full(rows, args), ceilings, args.name)
+        write_report(rows, ceilings, args)
         return 0
     if not args.zoo:
         p.error("give --zoo (or --report-only)")
@@ -210,11 +217,11 @@ def main(argv=None) -> int:
 
     def save() -> None:  # after every row: an interrupted run resumes with --resume
         write_json_atomic(out, {"machine": machine_info(), "args": vars(args), "rows": rows, "ceilings": ceilings})
-        write_atomic(RESULTS / f"{args.name}.md", markdown(with_full(rows, args), ceilings, args))
+        write_report(rows, ceilings, args, with_plot=False)
 
     run(args, rows, save)
     save()
-    plot(with_full(rows, args), ceilings, args.name)
+    write_report(rows, ceilings, args)
     return 0
 
 
