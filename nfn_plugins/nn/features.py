@@ -207,8 +207,11 @@ def outer_stream_rows(ws: WeightSpace, name: str) -> torch.Tensor:
     return moved.reshape(moved.shape[:2] + (-1, moved.shape[-1]))
 
 
+OUTER_KINDS = ("embed", "readout", "gain", "bias", "free")
+
+
 def outer_kind(t) -> str:
-    """Parameter-sharing class of an outer tensor: embed / readout / gain / bias / free."""
+    """Parameter-sharing class of an outer tensor: one of OUTER_KINDS."""
     if t.role == "vector":
         return "gain" if "stream_gain" in t.axes else "bias"
     if stream_axis(t.axes) is None:

@@ -24,6 +24,7 @@ from ..weight_space import WeightSpace
 from .features import (
     GLOBAL_FEATURES,
     HEAD_FEATURES,
+    OUTER_KINDS,
     STREAM_FEATURES,
     UNIT_FEATURES,
     block_features,
@@ -44,7 +45,6 @@ GL_BIASES = ("q_bias", "k_bias", "v_bias")
 STREAM_VECTORS = ("o_bias", "down_bias", "norm1_weight", "norm1_bias", "norm2_weight", "norm2_bias")
 MLP_MATRICES = ("up", "gate", "down")
 MLP_BIASES = ("up_bias", "gate_bias")
-OUTER_KINDS = ("embed", "readout", "gain", "bias", "free")
 
 STREAM_USES = (
     *(f"{t}_mod" for t in GL_TENSORS), *(f"{t}_bc" for t in GL_TENSORS),

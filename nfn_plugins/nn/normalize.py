@@ -15,12 +15,11 @@ import torch
 
 from ..spec import BLOCK_AXES
 from ..weight_space import WeightSpace
-from .features import expand_kv, outer_kind, product_sq_norm, summarize_outer
+from .features import OUTER_KINDS, expand_kv, outer_kind, product_sq_norm, summarize_outer
 
 QK_GROUP = ("q", "k", "q_bias", "k_bias")
 VO_GROUP = ("v", "o", "v_bias")
-OUTER_SLOTS = ("embed", "readout", "gain", "bias", "free")
-SCALE_SLOTS = (*BLOCK_AXES, *OUTER_SLOTS)
+SCALE_SLOTS = (*BLOCK_AXES, *OUTER_KINDS)
 EPS = 1e-12
 
 
