@@ -6,6 +6,8 @@ Held-out tasks the meta-training never saw (meta-training: ViTs of width 16-32, 
   fashion           ViT D32 H2 L2 on Fashion-MNIST (new dataset)
   movies-bert       BERT D32 H2 L2 on movie-review text, its own vocabulary (new modality)
   minilm-finetune   the real MiniLM-L6 fine-tuned on movie reviews (short budget: it is 22.7M weights)
+  mnist-paper-model the paper's zoo transformer on MNIST: residual-free, pre-LN (a new architecture
+                    family; the README demo's model)
 
 Per task and optimizer: training loss curve (EMA), final loss at the step budget, steps to reach tuned
 AdamW's final loss, test accuracy, wall time per training step and per optimizer step, optimizer state
@@ -68,6 +70,13 @@ def _task(name: str, seed: int):
         model = make_vit(d_model=d, n_heads=h, n_blocks=depth)
         return model, (ds.train_x, ds.train_y), (ds.test_x[:2000], ds.test_y[:2000]), \
             lambda m, x: m(pixel_values=x).logits
+    if name == "mnist-paper-model":
+        from nfn_plugins.zoo.models import build_model, paper_arch
+
+        ds = load_dataset("mnist")
+        return build_model(paper_arch()), (ds.train_x, ds.train_y), (ds.test_x[:2000], ds.test_y[:2000]), \
+            lambda m, x: m(x)
+
     def forward(m, x):
         return m(input_ids=x, attention_mask=(x != 0).long()).logits
 
@@ -197,7 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--minilm-lr", default="3e-5",
                    help="comma-separated lrs for our optimizers on the MiniLM fine-tune (default: a common "
                         "fine-tuning lr)")
-    p.add_argument("--tasks", default="mnist-new-seeds,mnist-wider,fashion,movies-bert,minilm-finetune",
+    p.add_argument("--tasks",
+                   default="mnist-new-seeds,mnist-wider,fashion,movies-bert,minilm-finetune,mnist-paper-model",
                    help="comma-separated; also val-D<width>-H<heads>-L<depth>: a ViT on MNIST from the "
                         "meta-training distribution (for choosing the NFN optimizer's lr, with seeds >= 1000)")
     p.add_argument("--nfn-lr", help="comma-separated lrs for the NFN optimizer and equivariant Adam (default: the "
@@ -367,6 +377,15 @@ def _median_steps(reach: list[int | None]) -> float | None:
     return None if math.isinf(value) else value
 
 
+def _other_updates_note(rows: list[dict], learned_name: str) -> str:
+    """Combined reports keep earlier releases' rows, named by the update they ran: say so under the header."""
+    others = sorted({r["learned"] for r in rows if r.get("learned") and r["learned"] != learned_name})
+    if not others:
+        return ""
+    return (f" Rows naming {', '.join(f'`{o}`' for o in others)} ran that learned update, not `{learned_name}` "
+            "(an earlier release or an unshipped candidate; recipes/README.md describes each).")
+
+
 def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate) -> str:
     learned_meta = learned.meta
     mc = learned_meta.get("meta_config", {})
@@ -390,7 +409,7 @@ def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate
         "`keep_freed_memory()` for every optimizer. Batch 64, weight decay 0, "
         "losses are an EMA (0.95) of the training loss. `steps to AdamW final`: per seed, the first step at which "
         "the optimizer's loss reaches that seed's tuned AdamW loss at the end of the budget (-: never); median "
-        "over seeds.", "",
+        "over seeds." + _other_updates_note(rows, args.learned), "",
         f"![loss curves]({args.name}_curves.png) (seed {seeds[0]})", "",
         "| task | optimizer | lr | horizon | final loss | test acc | steps to AdamW final: median (per seed) / budget | "
         f"step time vs AdamW (its lr grid's median run): mean / median of first {EARLY_STEPS} | "
