@@ -58,24 +58,19 @@ EARLY_STEPS = 200  # within the shipped update's horizon (240): its correction r
 def _task(name: str, seed: int):
     """(model, train (x, y), test (x, y), forward(model, x) -> logits) for a held-out task."""
     from nfn_plugins.data import load_dataset
-    from nfn_plugins.zoo.models import make_bert, make_vit
+    from nfn_plugins.zoo.models import build_model, make_bert, make_vit, paper_arch
 
     torch.manual_seed(seed)
     validation = re.fullmatch(r"val-D(\d+)-H(\d+)-L(\d+)", name)
-    if name in ("mnist-new-seeds", "mnist-wider", "fashion") or validation:
+    if name in ("mnist-new-seeds", "mnist-wider", "fashion", "mnist-paper-model") or validation:
         ds = load_dataset("fashion_mnist" if name == "fashion" else "mnist")
+        train, test = (ds.train_x, ds.train_y), (ds.test_x[:2000], ds.test_y[:2000])
+        if name == "mnist-paper-model":
+            return build_model(paper_arch()), train, test, lambda m, x: m(x)
         d, h, depth = (48, 4, 3) if name == "mnist-wider" else (32, 2, 2)
         if validation:
             d, h, depth = (int(x) for x in validation.groups())
-        model = make_vit(d_model=d, n_heads=h, n_blocks=depth)
-        return model, (ds.train_x, ds.train_y), (ds.test_x[:2000], ds.test_y[:2000]), \
-            lambda m, x: m(pixel_values=x).logits
-    if name == "mnist-paper-model":
-        from nfn_plugins.zoo.models import build_model, paper_arch
-
-        ds = load_dataset("mnist")
-        return build_model(paper_arch()), (ds.train_x, ds.train_y), (ds.test_x[:2000], ds.test_y[:2000]), \
-            lambda m, x: m(x)
+        return make_vit(d_model=d, n_heads=h, n_blocks=depth), train, test, lambda m, x: m(pixel_values=x).logits
 
     def forward(m, x):
         return m(input_ids=x, attention_mask=(x != 0).long()).logits
