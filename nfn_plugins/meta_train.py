@@ -1,7 +1,9 @@
 """Meta-training the learned optimizer (`LearnedUpdate`) with truncated unrolls, on CPU.
 
-Tasks: small Hugging Face ViTs (residual, pre-LN) trained on MNIST, with random width, heads, depth,
-learning rate and seed. Each task is trained for a random number of steps in truncations of ``unroll``
+Tasks: small transformers trained on MNIST, with random width, heads, depth, learning rate and seed:
+Hugging Face ViTs (residual, pre-LN) and, with ``families=("vit", "paper")``, the paper's residual-free
+zoo transformer as well (whose early plateau at the uniform prediction an update meta-trained on ViTs alone
+can fail to leave). Each task is trained for a random number of steps in truncations of ``unroll``
 steps; after each truncation the learned update takes one meta-gradient step on the mean log training
 loss of that truncation. Past ``dense_steps`` steps into a task only every ``sparse_every``-th truncation
 does; the others only advance the task (no graph, no meta-gradient), so long tasks reach late training,
@@ -44,6 +46,7 @@ class MetaConfig:
     widths: tuple[int, ...] = (16, 24, 32)
     heads: tuple[int, ...] = (2, 4)
     depths: tuple[int, ...] = (1, 2)
+    families: tuple[str, ...] = ("vit",)  # model families of the tasks, drawn uniformly (see TASK_FAMILIES)
     lr_range: tuple[float, float] = (3e-4, 3e-3)
     base_direction: str = "adam"  # the base step the correction learns to improve (see NFNOptimizer)
     nesterov: bool = True  # Muon's Nesterov momentum (no effect on the Adam base)
@@ -58,20 +61,34 @@ class MetaConfig:
     init: str | None = None  # start from this learned update (a directory or shipped name)
 
 
+TASK_FAMILIES = ("vit", "paper")
+
+
+def _make_model(family: str, d: int, h: int, depth: int) -> nn.Module:
+    """A fresh task model: a HF ViT (patch 7) or the paper's residual-free transformer (4x4 patches, MLP 2d)."""
+    from .zoo.models import PaperConfig, PaperTransformer, make_vit
+
+    if family == "vit":
+        return make_vit(d_model=d, n_heads=h, n_blocks=depth)
+    return PaperTransformer(PaperConfig(d_model=d, n_heads=h, mlp_width=2 * d, n_blocks=depth, classifier_width=d))
+
+
 class Task:
-    """One inner problem: a fresh small ViT on MNIST, its canonical weights, Adam moments and head covariances."""
+    """One inner problem: a fresh small transformer on MNIST, its canonical weights, Adam moments and head
+    covariances."""
 
     def __init__(self, cfg: MetaConfig, data, gen: torch.Generator):
-        from .zoo.models import make_vit
-
         pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
         self.d, self.h, self.depth = pick(cfg.widths), pick(cfg.heads), pick(cfg.depths)
         lo, hi = math.log(cfg.lr_range[0]), math.log(cfg.lr_range[1])
         self.lr = math.exp(lo + (hi - lo) * float(torch.rand((), generator=gen)))
         self.steps = int(torch.randint(cfg.task_steps[0], cfg.task_steps[1] + 1, (1,), generator=gen))
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-        self.model = make_vit(d_model=self.d, n_heads=self.h, n_blocks=self.depth)
+        # a one-family run draws nothing here, so the ViT-only recipe's task sequence is unchanged
+        self.family = pick(cfg.families) if len(cfg.families) > 1 else cfg.families[0]
+        self.model = _make_model(self.family, self.d, self.h, self.depth)
         self.binding: Binding = bind(self.model)
+        self.frozen = {n for n, h in self.binding.outer.items() if not h.param.requires_grad}  # the paper's positions
         self.weights = self.binding.read()
         zeros = self.weights.map(torch.zeros_like)
         self.m, self.v = zeros, zeros
@@ -84,7 +101,10 @@ class Task:
         x, y = self.data
         idx = torch.randint(len(y), (self.batch_size,), generator=self.gen)
         params = {h.name: p for h, p in self.binding.to_parameters(weights)}
-        logits = functional_call(self.model, params, (), {"pixel_values": x[idx]}).logits
+        if self.family == "vit":
+            logits = functional_call(self.model, params, (), {"pixel_values": x[idx]}).logits
+        else:
+            logits = functional_call(self.model, params, (x[idx],))
         return nn.functional.cross_entropy(logits, y[idx])
 
     def step(self, learned: LearnedUpdate | None, weights: WeightSpace,
@@ -105,7 +125,8 @@ class Task:
         m_all.update({n: x.detach() for n, x in m.items()})
         v_all.update({n: x.detach() for n, x in v.items()})
         for name in weights.spec.names:  # outer tensors: plain Adam (what the base optimizer does)
-            if name in new:
+            if name in new or name in self.frozen:
+                new.setdefault(name, weights[name])
                 continue
             g = grads[name]
             m_all[name] = 0.9 * self.m[name] + 0.1 * g
@@ -173,7 +194,7 @@ def meta_train(out: str | os.PathLike, cfg: MetaConfig | None = None, progress: 
         trained += cfg.unroll
         done += 1
         row = {"truncation": done, "minutes": (time.perf_counter() - start) / 60, "meta_loss": float(meta_loss.detach()),
-               "task": f"D{task.d}-H{task.h}-L{task.depth}", "task_step": trained, "lr": task.lr,
+               "task": f"{task.family}-D{task.d}-H{task.h}-L{task.depth}", "task_step": trained, "lr": task.lr,
                "gain_abs_mean": float(torch.tanh(learned.gain.detach()).abs().mean())}
         with open(log_file, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -213,6 +234,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = MetaConfig(minutes=args.minutes, seed=args.seed, init=args.init, dense_steps=args.dense_steps,
                      sparse_every=args.sparse_every, n_layers=args.layers, base_direction=args.base_direction,
                      nesterov=args.nesterov)
+    families = tuple(args.families.split(","))
+    unknown = [f for f in families if f not in TASK_FAMILIES]
+    if unknown or not families:
+        raise SystemExit(f"--families takes a comma-separated subset of {', '.join(TASK_FAMILIES)}, got {args.families!r}")
+    cfg.families = families
     if args.lr_range:
         cfg.lr_range = _min_max(args.lr_range, "--lr-range", float)
     if args.task_steps:
@@ -242,6 +268,9 @@ def add_parser(subparsers) -> None:
                    help="the base step under the learned correction (muon: orthogonalised momentum for the matrices)")
     m.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=MetaConfig.nesterov,
                    help="Nesterov momentum in the muon base (default on, as in Muon)")
+    m.add_argument("--families", default=",".join(MetaConfig.families),
+                   help=f"model families of the tasks, comma-separated: {', '.join(TASK_FAMILIES)} (paper: the "
+                   "paper's residual-free transformer; default vit)")
     m.add_argument("--lr-range", help="MIN,MAX of the tasks' learning rates, sampled log-uniformly (default 3e-4,3e-3)")
     m.add_argument("--layers", type=int, default=MetaConfig.n_layers, help="equivariant layers of a new learned update")
     m.add_argument("--dense-steps", type=int, default=MetaConfig.dense_steps,

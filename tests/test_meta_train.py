@@ -49,3 +49,29 @@ def test_meta_training_from_a_validated_update_on_the_muon_base(tmp_path):
     assert saved.base_direction == "muon" and saved.horizon == 4 and saved.recommended_lr == 1e-3
     assert saved.nesterov is True  # meta-trained with MetaConfig's default
     assert not torch.equal(out.gain, init.gain)
+
+
+def test_paper_family_tasks_train_and_keep_the_frozen_positions(tmp_path):
+    """``families=("vit", "paper")`` draws the paper's residual-free transformer too; its sinusoidal positions are a
+    frozen parameter (no optimizer updates it), so the inner step leaves them exactly as they were."""
+    from nfn_plugins.meta_train import Task, _load_train
+
+    cfg = _tiny(families=("paper",), max_truncations=3)
+    task = Task(cfg, _load_train(cfg), torch.Generator().manual_seed(0))
+    assert task.family == "paper" and task.frozen == {"pos_embed"}
+    weights = task.weights.map(lambda x: x.detach().requires_grad_())
+    new, loss = task.step(None, weights, track=False)
+    assert torch.isfinite(loss)
+    assert torch.equal(new["pos_embed"], task.weights["pos_embed"])
+    assert not torch.equal(new["up"], task.weights["up"])
+    meta_train(tmp_path, _tiny(families=("vit", "paper"), max_truncations=6, seed=3), progress=False)
+    assert {r["task"].split("-")[0] for r in _log(tmp_path)} == {"vit", "paper"}
+
+
+def test_unknown_task_family_is_refused(tmp_path):
+    import pytest
+
+    from nfn_plugins.cli import main
+
+    with pytest.raises(SystemExit, match="--families takes a comma-separated subset of vit, paper"):
+        main(["optim", "meta-train", "--out", str(tmp_path), "--families", "vit,gpt"])
