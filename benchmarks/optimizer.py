@@ -24,6 +24,8 @@ the held-out ones; the ranking table at the end of the report):
 
 then grids around its best cell (`_b`, `_c`; recipes/README.md), reported together with
 `--combine optimizer_validation_a,optimizer_validation_b,optimizer_validation_c --name optimizer_validation`.
+A combined report stores its runs without their loss curves and lists the files that hold them (`sources`);
+naming it in a later `--combine` reads those files.
 `--base-direction adam,muon` compares the base steps (equivariant Adam, Muon's orthogonalised momentum);
 `--no-baselines` skips AdamW and Adam, for a run reported with `--combine` beside one that has them (runs are
 deterministic: a run repeated in two files is checked to be identical and kept once).
@@ -232,7 +234,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     learned = LearnedUpdate.from_pretrained(args.learned)
     if args.combine:
-        return _report(combine_runs(args.combine.split(",")), args, learned)
+        rows, sources = combine_runs(args.combine.split(","))
+        if args.name in sources:
+            p.error(f"--name {args.name} would overwrite {args.name}.json, which holds loss curves of runs being "
+                    "combined: rename that file and combine under its new name")
+        return _report(rows, args, learned, sources)
     keep_freed_memory()  # for every optimizer alike: MiniLM-sized NFN steps would page-fault their tensors anew
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -270,12 +276,24 @@ def main(argv=None) -> int:
     return 0 if args.no_baselines else _report(rows, args, learned)
 
 
-def combine_runs(stems: list[str]) -> list[dict]:
-    """The runs of several result files; a run repeated in another file (say the baselines of a grid extended
-    in a second invocation) is kept once, after checking it repeats exactly (runs are deterministic)."""
-    rows: dict[tuple, dict] = {}
+def _curve_files(stems: list[str]) -> list[tuple[str, dict]]:
+    """The files holding the runs' curves: a combined report stands for the files it was combined from."""
+    files: list[tuple[str, dict]] = []
     for stem in stems:
         saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        for source in _curve_files(saved["sources"]) if "sources" in saved else [(stem, saved)]:
+            if source[0] not in (s for s, _ in files):
+                files.append(source)
+    return files
+
+
+def combine_runs(stems: list[str]) -> tuple[list[dict], list[str]]:
+    """The runs of several result files and the names of the files that hold their curves. A run repeated in
+    another file (say the baselines of a grid extended in a second invocation) is kept once, after checking it
+    repeats exactly (runs are deterministic)."""
+    rows: dict[tuple, dict] = {}
+    files = _curve_files(stems)
+    for stem, saved in files:
         for r in saved["runs"]:
             if r["optimizer"] in LEARNED_KINDS:
                 r.setdefault("learned", saved["args"]["learned"])  # files from before rows named it
@@ -284,13 +302,17 @@ def combine_runs(stems: list[str]) -> list[dict]:
                 raise ValueError(f"{stem}.json repeats run {key} with a different loss curve: the files come from "
                                  "different code or settings and cannot be reported together")
             rows.setdefault(key, r)
-    return list(rows.values())
+    return list(rows.values()), [stem for stem, _ in files]
 
 
-def _report(rows: list[dict], args, learned: LearnedUpdate) -> int:
+def _report(rows: list[dict], args, learned: LearnedUpdate, sources: list[str] | None = None) -> int:
+    """Writes the report. A combined one stores its runs without curves and names the files that hold them
+    (``sources``), so that a report combined over many rounds stays small."""
     summary = summarize(rows)
+    runs = [{k: v for k, v in r.items() if k != "curve"} for r in rows] if sources else rows
     write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "args": vars(args),
-                                                      "summary": summary, "runs": rows}, indent=None)
+                                                      "summary": summary, "runs": runs}
+                      | ({"sources": sources} if sources else {}), indent=None)
     write_atomic(RESULTS / f"{args.name}.md", markdown(summary, rows, args, learned))
     best = {}  # a grid plots each of our optimizers at its best-ranked lr and horizon (on tasks where it ran)
     for c in rank_configurations(rows):
