@@ -1,13 +1,15 @@
 """Learned equivariant optimizer vs AdamW (tuned per task) and Adam (default lr) on held-out tasks.
 
-Held-out tasks the meta-training never saw (meta-training: ViTs of width 16-32, depth 1-2, on MNIST):
+Held-out tasks the meta-training never saw (meta-training: ViTs of width 16-32, depth 1-2, on MNIST; the default
+update, vit-paper-1layer, also saw the paper's residual-free transformer at those sizes, so for it
+mnist-paper-model is new seeds of a meta-training family):
   mnist-new-seeds   ViT D32 H2 L2 on MNIST, new seeds
   mnist-wider       ViT D48 H4 L3 on MNIST (wider and deeper)
   fashion           ViT D32 H2 L2 on Fashion-MNIST (new dataset)
   movies-bert       BERT D32 H2 L2 on movie-review text, its own vocabulary (new modality)
   minilm-finetune   the real MiniLM-L6 fine-tuned on movie reviews (short budget: it is 22.7M weights)
   mnist-paper-model the paper's zoo transformer on MNIST: residual-free, pre-LN (a new architecture
-                    family; the README demo's model)
+                    family for vit-mnist; the README demo's model)
 
 Per task and optimizer: training loss curve (EMA), final loss at the step budget, steps to reach tuned
 AdamW's final loss, test accuracy, wall time per training step and per optimizer step, optimizer state
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
 
 from nfn_plugins.memory import keep_freed_memory  # noqa: E402
-from nfn_plugins.optim import BASE_DIRECTIONS, LearnedUpdate, NFNOptimizer  # noqa: E402
+from nfn_plugins.optim import BASE_DIRECTIONS, DEFAULT_LEARNED_UPDATE, LearnedUpdate, NFNOptimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -197,7 +199,7 @@ def steps_to_reach(curve: list[float], target: float) -> int | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learned", default="vit-mnist", help="a LearnedUpdate directory or shipped name")
+    p.add_argument("--learned", default=DEFAULT_LEARNED_UPDATE, help="a LearnedUpdate directory or shipped name")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--minilm-steps", type=int, default=60)
     p.add_argument("--minilm-lr", default="3e-5",
@@ -400,7 +402,8 @@ def _other_updates_note(rows: list[dict], learned_name: str) -> str:
     if not others:
         return ""
     return (f" Rows naming {', '.join(f'`{o}`' for o in others)} ran that learned update, not `{learned_name}` "
-            "(an earlier release or an unshipped candidate; recipes/README.md describes each).")
+            "(another shipped update, an earlier release or an unshipped candidate; recipes/README.md describes "
+            "each).")
 
 
 def markdown(summary: list[dict], rows: list[dict], args, learned: LearnedUpdate) -> str:

@@ -35,7 +35,7 @@ from _common import machine_info, save_figure_atomic, write_atomic, write_json_a
 from optimizer import _make_optimizer, _task, backward  # noqa: E402
 
 from nfn_plugins.memory import keep_freed_memory  # noqa: E402
-from nfn_plugins.optim import LearnedUpdate  # noqa: E402
+from nfn_plugins.optim import DEFAULT_LEARNED_UPDATE, LearnedUpdate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUN_STEPS = 1000  # the run length the derived per-run mean refers to
@@ -182,7 +182,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learned", default="vit-mnist", help="a LearnedUpdate directory or shipped name")
+    p.add_argument("--learned", default=DEFAULT_LEARNED_UPDATE, help="a LearnedUpdate directory or shipped name")
     p.add_argument("--tasks", default="mnist-new-seeds,mnist-wider,fashion,movies-bert,minilm-finetune",
                    help="comma-separated tasks of benchmarks/optimizer.py")
     p.add_argument("--rounds", type=int, default=200)

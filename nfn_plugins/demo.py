@@ -104,7 +104,7 @@ def core_demo(seed: int = 0) -> dict:
 def adapters_demo(seed: int = 0, steps: int = 300) -> dict:
     """Adapter 1 trains a model, adapter 3 predicts its accuracy from the weights alone."""
     from .data import load_mnist
-    from .optim import LearnedUpdate, NFNOptimizer
+    from .optim import DEFAULT_LEARNED_UPDATE, NFNOptimizer
     from .predictor import AccuracyPredictor
     from .zoo.models import build_model, paper_arch
 
@@ -112,10 +112,9 @@ def adapters_demo(seed: int = 0, steps: int = 300) -> dict:
     torch.manual_seed(seed)
     data = load_mnist()
     model = build_model(paper_arch())
-    learned_name = LearnedUpdate.available()[0] if LearnedUpdate.available() else None
-    # the shipped update brings its validated lr and correction horizon
-    opt = NFNOptimizer.from_pretrained(learned_name, model) if learned_name else NFNOptimizer(model, lr=1e-3)
-    print(f"NFNOptimizer (learned update: {learned_name or 'none shipped, equivariant Adam'}, lr "
+    # the shipped update brings its validated base step, lr and correction horizon
+    opt = NFNOptimizer.from_pretrained(DEFAULT_LEARNED_UPDATE, model)
+    print(f"NFNOptimizer (learned update: {DEFAULT_LEARNED_UPDATE}, lr "
           f"{opt.param_groups[0]['lr']:g}): {sum(p.numel() for p in opt.param_groups[0]['params']):,} block weights "
           f"under the learned rule")
     gen = torch.Generator().manual_seed(seed)

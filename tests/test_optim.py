@@ -11,8 +11,8 @@ import torch
 
 from model_factories import build
 from nfn_plugins import SymmetryGroup, WeightSpace, extract_weights, load_weights
-from nfn_plugins.optim import (MUON_RMS, LearnedUpdate, NFNOptimizer, block_update, head_covariance,
-                               head_inverse_sqrt, orthogonalized, orthogonalized_all, whiten)
+from nfn_plugins.optim import (DEFAULT_LEARNED_UPDATE, MUON_RMS, LearnedUpdate, NFNOptimizer, block_update,
+                               head_covariance, head_inverse_sqrt, orthogonalized, orthogonalized_all, whiten)
 from nfn_plugins.spec import BLOCK_AXES
 
 
@@ -267,18 +267,19 @@ def test_learned_update_sees_zero_moments_outside_the_blocks():
     assert not all(torch.allclose(new["same"][k], new["blocks"][k]) for k in new["same"])
 
 
-def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path):
-    """The shipped update's metadata carries its validated base step, lr and horizon; without them: the Adam
+@pytest.mark.parametrize("update", ["vit-mnist", DEFAULT_LEARNED_UPDATE])
+def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path, update):
+    """A shipped update's metadata carries its validated base step, lr and horizon; without them: the Adam
     base, the meta-training task length (no fade if unknown) and lr 1e-3; explicit arguments win."""
     model, _ = build("bert")
-    shipped = LearnedUpdate.from_pretrained("vit-mnist")
+    shipped = LearnedUpdate.from_pretrained(update)
     assert shipped.horizon == shipped.meta["correction_horizon"] < shipped.meta["meta_config"]["task_steps"][1]
-    opt = NFNOptimizer.from_pretrained("vit-mnist", model)
+    opt = NFNOptimizer.from_pretrained(update, model)
     assert opt.correction_horizon == shipped.horizon
     assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == shipped.recommended_lr == shipped.meta["recommended_lr"]
-    assert NFNOptimizer.from_pretrained("vit-mnist", model, lr=0.5).param_groups[0]["lr"] == 0.5
+    assert NFNOptimizer.from_pretrained(update, model, lr=0.5).param_groups[0]["lr"] == 0.5
     assert opt.param_groups[0]["base_direction"] == shipped.base_direction == shipped.meta["base_direction"] == "muon"
-    assert NFNOptimizer.from_pretrained("vit-mnist", model, base_direction="adam").param_groups[0]["base_direction"] == "adam"
+    assert NFNOptimizer.from_pretrained(update, model, base_direction="adam").param_groups[0]["base_direction"] == "adam"
     assert NFNOptimizer(model, learned=shipped, correction_horizon=math.inf).correction_horizon == math.inf
     unvalidated = _learned()
     unvalidated.meta = {"meta_config": {"task_steps": [40, 240]}}

@@ -1,7 +1,7 @@
 """The shipped NFN weights keep their meaning: outputs on fixed inputs equal those of the code they were
-trained with (tests/data/shipped_outputs.json, in float64): the learned update's since it was meta-trained
+trained with (tests/data/shipped_outputs.json, in float64): `vit-mnist`'s since it was meta-trained
 anew on the whitened equivariant Adam (2026-11-26, fifth session); the `mnist-paper` predictor's since it
-was retrained with a two-layer head (2026-11-26)."""
+was retrained with a two-layer head (2026-11-26); `vit-paper-1layer`'s since it shipped (2026-11-27)."""
 
 from __future__ import annotations
 
@@ -32,15 +32,19 @@ def _close(a: float, b: float) -> bool:
 
 
 @pytest.mark.parametrize("name", ["bert", "qwen2", "vit"])
-def test_shipped_predictor_and_learned_update_outputs_are_unchanged(name):
-    batch = _inputs(name)
-    pred = AccuracyPredictor.from_pretrained("mnist-paper").double().predict(batch).tolist()
+def test_shipped_predictor_outputs_are_unchanged(name):
+    pred = AccuracyPredictor.from_pretrained("mnist-paper").double().predict(_inputs(name)).tolist()
     assert all(_close(a, b) for a, b in zip(pred, GOLDEN[f"predictor/{name}"], strict=True)), pred
-    update = LearnedUpdate.from_pretrained("vit-mnist").double()
+
+
+@pytest.mark.parametrize("update", ["vit-mnist", "vit-paper-1layer"])
+@pytest.mark.parametrize("name", ["bert", "qwen2", "vit"])
+def test_shipped_learned_update_outputs_are_unchanged(update, name):
+    batch = _inputs(name)
     inp = WeightSpace.stack([batch.map(lambda t: t[i]) for i in range(3)] + [batch.map(lambda t: t[0].sign())])
     with torch.no_grad():
-        correction = update(inp.unsqueeze(0))
-    expected = GOLDEN[f"learned_update/{name}"]
+        correction = LearnedUpdate.from_pretrained(update).double()(inp.unsqueeze(0))
+    expected = GOLDEN[f"learned_update/{update}/{name}"]
     assert set(correction) == set(expected)
     for key, (total, abs_total) in expected.items():
         assert _close(float(correction[key].sum()), total) and _close(float(correction[key].abs().sum()), abs_total), key
