@@ -39,7 +39,8 @@ def _learned(seed: int = 0, dtype=torch.float64, n_layers: int = 2) -> LearnedUp
 
 @pytest.mark.parametrize("name,n_layers,base,nesterov", [
     ("bert", 2, "adam", False), ("llama_tied", 2, "adam", False), ("bert", 1, "adam", False),
-    ("bert", 2, "muon", True), ("llama_tied", 2, "muon", True), ("bert", 2, "muon", False)])
+    ("bert", 2, "muon", True), ("llama_tied", 2, "muon", True), ("bert", 2, "muon", False),
+    ("bert", 1, "muon", True), ("vit", 1, "muon", True)])  # one layer on Muon + Nesterov: the default update's
 def test_update_is_equivariant(name, n_layers, base, nesterov, exact_float64):
     """update(g.W, g.G) = g.update(W, G) for orthogonal head maps + permutations, learned correction active,
     on either base direction (Muon's with and without Nesterov momentum)."""
