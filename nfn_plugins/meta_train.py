@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -64,13 +65,16 @@ class MetaConfig:
 TASK_FAMILIES = ("vit", "paper")
 
 
-def _make_model(family: str, d: int, h: int, depth: int) -> nn.Module:
-    """A fresh task model: a HF ViT (patch 7) or the paper's residual-free transformer (4x4 patches, MLP 2d)."""
+def _make_model(family: str, d: int, h: int, depth: int) -> tuple[nn.Module, Callable]:
+    """A fresh task model: a HF ViT (patch 7) or the paper's residual-free transformer (4x4 patches, MLP 2d),
+    and ``logits(model, params, images)`` for it (the one place that knows each family's call)."""
     from .zoo.models import PaperConfig, PaperTransformer, make_vit
 
     if family == "vit":
-        return make_vit(d_model=d, n_heads=h, n_blocks=depth)
-    return PaperTransformer(PaperConfig(d_model=d, n_heads=h, mlp_width=2 * d, n_blocks=depth, classifier_width=d))
+        return (make_vit(d_model=d, n_heads=h, n_blocks=depth),
+                lambda m, params, x: functional_call(m, params, (), {"pixel_values": x}).logits)
+    return (PaperTransformer(PaperConfig(d_model=d, n_heads=h, mlp_width=2 * d, n_blocks=depth, classifier_width=d)),
+            lambda m, params, x: functional_call(m, params, (x,)))
 
 
 class Task:
@@ -86,7 +90,7 @@ class Task:
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
         # a one-family run draws nothing here, so the ViT-only recipe's task sequence is unchanged
         self.family = pick(cfg.families) if len(cfg.families) > 1 else cfg.families[0]
-        self.model = _make_model(self.family, self.d, self.h, self.depth)
+        self.model, self.logits = _make_model(self.family, self.d, self.h, self.depth)
         self.binding: Binding = bind(self.model)
         self.frozen = {n for n, h in self.binding.outer.items() if not h.param.requires_grad}  # the paper's positions
         self.weights = self.binding.read()
@@ -101,11 +105,7 @@ class Task:
         x, y = self.data
         idx = torch.randint(len(y), (self.batch_size,), generator=self.gen)
         params = {h.name: p for h, p in self.binding.to_parameters(weights)}
-        if self.family == "vit":
-            logits = functional_call(self.model, params, (), {"pixel_values": x[idx]}).logits
-        else:
-            logits = functional_call(self.model, params, (x[idx],))
-        return nn.functional.cross_entropy(logits, y[idx])
+        return nn.functional.cross_entropy(self.logits(self.model, params, x[idx]), y[idx])
 
     def step(self, learned: LearnedUpdate | None, weights: WeightSpace,
              track: bool = True) -> tuple[WeightSpace, torch.Tensor]:
@@ -120,13 +120,12 @@ class Task:
             new_blocks, m, v, self.head_cov = block_update(learned, weights, grads, self.m, self.v, self.head_cov,
                                                            self.t, self.lr, (0.9, 0.999), 1e-8, 0.0,
                                                            base_direction=self.base_direction, nesterov=self.nesterov)
-        new = dict(new_blocks)
+        new = {**{n: weights[n] for n in self.frozen}, **new_blocks}  # frozen tensors never move
         m_all, v_all = dict(self.m.tensors), dict(self.v.tensors)
         m_all.update({n: x.detach() for n, x in m.items()})
         v_all.update({n: x.detach() for n, x in v.items()})
         for name in weights.spec.names:  # outer tensors: plain Adam (what the base optimizer does)
-            if name in new or name in self.frozen:
-                new.setdefault(name, weights[name])
+            if name in new:
                 continue
             g = grads[name]
             m_all[name] = 0.9 * self.m[name] + 0.1 * g
@@ -236,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
                      nesterov=args.nesterov)
     families = tuple(args.families.split(","))
     unknown = [f for f in families if f not in TASK_FAMILIES]
-    if unknown or not families:
+    if unknown:
         raise SystemExit(f"--families takes a comma-separated subset of {', '.join(TASK_FAMILIES)}, got {args.families!r}")
     cfg.families = families
     if args.lr_range:
