@@ -242,7 +242,8 @@ class NFNOptimizer(torch.optim.Optimizer):
         nesterov: Nesterov momentum for Muon's direction (no effect on the Adam base); None:
             ``learned.nesterov`` (the one validated with the update), else True (Muon's default).
         nonfinite: "skip" (warn and skip the whole step when any gradient is NaN/inf) or "raise".
-        base_optimizer: class for the parameters outside the blocks (AdamW by default).
+        base_optimizer: class (or factory) for the parameters outside the blocks (AdamW by default); each of
+            its param groups joins this optimizer's.
         base_kwargs: more arguments for it. ``lr`` and ``weight_decay`` here override the shared ones for those
             parameters (say a lower lr for a text model's embeddings); ``betas`` and ``eps`` default to this
             optimizer's, and ``foreach`` to True, where it takes them (one multi-tensor op per moment instead of
@@ -285,8 +286,9 @@ class NFNOptimizer(torch.optim.Optimizer):
                 if key in takes:
                     base_kwargs.setdefault(key, value)
             self.base = base_optimizer(others, **{"lr": lr, "weight_decay": weight_decay, **base_kwargs})
-            self.base.param_groups[0]["name"] = "base"
-            self.param_groups.append(self.base.param_groups[0])  # shared: schedulers and state_dict see both
+            for i, base_group in enumerate(self.base.param_groups):  # a factory may make several groups
+                base_group["name"] = "base" if i == 0 else f"base_{i}"
+                self.param_groups.append(base_group)  # shared: schedulers, zero_grad and state_dict see them all
         unmatched = ", ".join(h.name for h in self.binding.unmatched) or "none"
         logger.info("NFNOptimizer: %d block tensors (%d weights) -> learned equivariant update; %d other tensors "
                     "(%d weights) -> %s; unrecognised parameters sent to the base optimizer: %s",
@@ -318,7 +320,7 @@ class NFNOptimizer(torch.optim.Optimizer):
         if self.base is not None:
             if base_state is not None:
                 self.base.load_state_dict({"state": base_state, "param_groups": self.base.state_dict()["param_groups"]})
-            self.base.param_groups = [self.param_groups[1]]  # re-share: torch rebuilt the group dicts
+            self.base.param_groups = self.param_groups[1:]  # re-share: torch rebuilt the group dicts
 
     # -- the step ------------------------------------------------------------------------------------
     def _check_finite(self) -> bool:

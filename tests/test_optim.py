@@ -316,6 +316,39 @@ def test_param_groups_state_dict_and_bit_identical_resume(base):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
 
 
+def test_a_base_optimizer_with_several_groups_shares_them_all():
+    """A factory may split the outside parameters (say embedding tables at another lr): every group joins the
+    optimizer's, so zero_grad clears them all, and a resume continues bit-identically."""
+    model, make_inputs = build("bert")
+    inputs = make_inputs(0)
+
+    def make(m):
+        tables = {id(mod.weight) for mod in m.modules() if isinstance(mod, torch.nn.Embedding)}
+
+        def two_groups(params, lr, **kwargs):
+            params = list(params)
+            return torch.optim.AdamW([{"params": [p for p in params if id(p) in tables], "lr": 3 * lr},
+                                      {"params": [p for p in params if id(p) not in tables]}], lr=lr, **kwargs)
+
+        return NFNOptimizer(m, lr=1e-2, base_optimizer=two_groups)
+
+    opt = make(model)
+    assert [g["name"] for g in opt.param_groups] == ["nfn_blocks", "base", "base_1"]
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 3e-2, 1e-2]
+    _train(model, opt, inputs, 2)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, inputs, 2)
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved_model)
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.base.param_groups == opt2.param_groups[1:]
+    _train(resumed, opt2, inputs, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
 def test_state_saved_before_the_base_choices_existed_loads_as_what_it_ran():
     """A state dict from before ``base_direction`` and ``nesterov`` were options ran equivariant Adam, and Muon
     (had it run it) without Nesterov: loading it must not switch to today's defaults."""
