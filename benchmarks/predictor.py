@@ -31,6 +31,7 @@ from _common import machine_info, save_figure_atomic, write_atomic, write_json_a
 from nfn_plugins.baselines import (  # noqa: E402
     FlatMLP,
     PaperTransformerNFN,
+    ProbeMLP,
     ScaleMLP,
     StatNN,
     fit_gbt,
@@ -50,16 +51,21 @@ from nfn_plugins.predictor import (  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ours", "ours-scale-head", "ours-collapse", "scale-mlp", "scale-mlp-sizes", "paper-nfn", "statnn", "gbt",
-           "gbt-invariant", "gbt-collapse", "flat-mlp")
-COLLAPSE = ("ours-collapse", "gbt-collapse")  # with the collapse rule (nfn_plugins/nn/collapse.py): need the masks
+METHODS = ("ours", "ours-scale-head", "ours-collapse", "ours-probe", "scale-mlp", "scale-mlp-sizes", "paper-nfn",
+           "statnn", "gbt", "gbt-invariant", "gbt-collapse", "flat-mlp", "probe-mlp")
+# with the collapse rule (nfn_plugins/nn/collapse.py): need the masks
+COLLAPSE = ("ours-collapse", "ours-probe", "gbt-collapse")
 SCATTERED = ("ours", "ours-collapse")  # the predicted-vs-true plot's methods
 RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick",
                 "train_all_epochs")  # --resume must match these
+N_PROBES = 16  # learned probe images of the probing methods (ours-probe, probe-mlp)
 OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2),
-        "ours-collapse": PredictorConfig()}  # the shipped config first; ours-collapse gets the zoo's n_classes
+        "ours-collapse": PredictorConfig(), "ours-probe": PredictorConfig(probes=N_PROBES)}
+# the shipped config first; the collapse methods get the zoo's n_classes, ours-probe its architecture too
+PROBING = ("ours-probe", "probe-mlp")  # run the members' forward on learned images: one image architecture
 # methods that read any width and depth (the others need one fixed architecture)
-WIDTH_AGNOSTIC = (*OURS, "scale-mlp", "scale-mlp-sizes", "statnn", "gbt", "gbt-invariant", "gbt-collapse")
+WIDTH_AGNOSTIC = (*(m for m in OURS if m not in PROBING), "scale-mlp", "scale-mlp-sizes", "statnn", "gbt",
+                  "gbt-invariant", "gbt-collapse")
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -96,10 +102,11 @@ def _evaluate_module(model, groups) -> dict:
 
 
 def run_method(method: str, train, val, test, seed: int, epochs: int, augment: bool = True,
-               collapsed: list[torch.Tensor] | None = None,
-               n_classes: int = 0) -> tuple[dict, torch.Tensor, int, float]:
+               collapsed: list[torch.Tensor] | None = None, n_classes: int = 0,
+               arch: dict | None = None) -> tuple[dict, torch.Tensor, int, float]:
     """(test metrics, test predictions, parameter count, training seconds). The collapse methods need which
-    training members collapsed (``collapsed``, a mask per training group) and the zoo's ``n_classes``."""
+    training members collapsed (``collapsed``, a mask per training group) and the zoo's ``n_classes``; the
+    probing methods the members' architecture ``arch`` (the zoo's, one only)."""
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     spec = train[0][0].spec
@@ -107,9 +114,12 @@ def run_method(method: str, train, val, test, seed: int, epochs: int, augment: b
     per_block = len({ws.spec for ws, _ in train + test}) == 1
     if method in COLLAPSE and (collapsed is None or not n_classes):
         raise ValueError(f"{method} needs the training members' collapse masks and the number of classes")
+    if method in PROBING and (arch is None or not per_block):
+        raise ValueError(f"{method} runs the members' forward: it needs their one architecture (arch)")
     if method in OURS:
         collapse = method in COLLAPSE
-        model = AccuracyPredictor(replace(OURS[method], n_classes=n_classes) if collapse else OURS[method])
+        config = replace(OURS[method], n_classes=n_classes) if collapse else OURS[method]
+        model = AccuracyPredictor(replace(config, probe_arch=arch) if config.probes else config)
         model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False,
                   collapsed=collapsed if collapse else None)
         pred = torch.cat([model.predict(ws) for ws, _ in test])
@@ -131,7 +141,8 @@ def run_method(method: str, train, val, test, seed: int, epochs: int, augment: b
             raise ValueError(f"{method} handles one architecture only")
         model = {"paper-nfn": lambda: PaperTransformerNFN(spec), "statnn": lambda: StatNN(spec, per_block=per_block),
                  "scale-mlp": lambda: ScaleMLP(), "scale-mlp-sizes": lambda: ScaleMLP(sizes=True),
-                 "flat-mlp": lambda: FlatMLP(spec, max_features=20_000, seed=seed)}[method]()
+                 "flat-mlp": lambda: FlatMLP(spec, max_features=20_000, seed=seed),
+                 "probe-mlp": lambda: ProbeMLP(arch, N_PROBES, seed=seed)}[method]()
         if hasattr(model, "fit_normalizer"):
             model.fit_normalizer(torch.cat([model.features(ws) for ws, _ in train]))
         lr = 1e-3 if method != "flat-mlp" else 3e-4
@@ -188,8 +199,9 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
                     continue
                 if (Path(path).name, cutoff, seed, method) in done:
                     continue
+                arch = zoo.records[0]["arch"]
                 metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs, augment,
-                                                              collapsed, zoo.records[0]["arch"]["n_classes"])
+                                                              collapsed, arch["n_classes"], arch)
                 row = {"zoo": Path(path).name, "epoch": epoch, "cutoff": cutoff, "seed": seed, "method": method,
                        "train_epochs": "all" if train_all_epochs else "one", **metrics, "params": n_params,
                        "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
@@ -322,10 +334,14 @@ def markdown(rows, ood, ceilings, args, ood_ceilings=()) -> str:
              "the first head's last layer; `ours-collapse` adds the collapse head: members that predict one "
              "class for every input score that class's frequency, the class picked by the argmax of the output "
              "bias, behind a gate trained on which training members collapsed; `gbt-collapse` is GBT-invariant "
-             "with the same rule and a tree classifier as the gate). On a zoo of several architectures STATNN "
+             "with the same rule and a tree classifier as the gate; `ours-probe` is ours-collapse whose heads also "
+             f"read the members' outputs on {N_PROBES} learned probe images (`nfn_plugins.probes`: each member's "
+             "own forward, started from noise, trained with the predictor), `probe-mlp` those outputs alone into "
+             "an MLP (probing, trained like the other baselines). On a zoo of several architectures STATNN "
              "and the GBTs read "
-             "statistics pooled over the blocks (one feature set for every width and depth); the paper's NFN "
-             "and the flat MLP need one architecture and do not run there. `train epochs`: `one` trains on the "
+             "statistics pooled over the blocks (one feature set for every width and depth); the paper's NFN, "
+             "the flat MLP and the probing methods need one architecture and do not run there. `train epochs`: "
+             "`one` trains on the "
              "protocol epoch's checkpoints of the training members, `all` on the checkpoints of every saved epoch "
              "of the same members (`--train-all-epochs`: more data, no more members; validation and test stay on "
              "the protocol epoch, and the n train column counts checkpoints).",
@@ -372,7 +388,8 @@ def markdown(rows, ood, ceilings, args, ood_ceilings=()) -> str:
         lines += ["", f"Rows merged from the runs {', '.join(args.combine)} (same splits and seeds; baseline "
                       "rows may come from an earlier run than ours when only ours changed; where two runs have a "
                       "split in common (zoo, method, training data, cut-off and seed), the later run's row is kept)."]
-    empty = [c for c in args.cutoffs if c not in {r["cutoff"] for r in rows}]
+    # a cut-off with a ceiling had members to split (a --ceilings-only run has ceilings and no method rows)
+    empty = [c for c in args.cutoffs if c not in {r["cutoff"] for r in [*rows, *ceilings]}]
     if empty:
         lines += ["", f"Cut-offs with too few members to split (no row above): {', '.join(f'{c}%' for c in empty)}."]
     small = sorted({r["cutoff"] for r in rows if r["n_test"] < 30})
@@ -486,7 +503,7 @@ def main(argv=None) -> int:
         ood = _latest(saved, "ood", by=lambda r: (*_run_key(r), r["seed"]))  # by split, like the rows
         benchmarked = {(r["zoo"], r["cutoff"]) for r in rows}  # ceilings as the runs saved them: no zoo needed
         ceilings = [c for c in _latest(saved, "ceilings", by=lambda c: (c["zoo"], c["cutoff"], c["seed"]))
-                    if (c["zoo"], c["cutoff"]) in benchmarked]
+                    if (c["zoo"], c["cutoff"]) in benchmarked or not rows]  # no rows: a --ceilings-only run
         ood_ceilings = _latest(saved, "ood_ceilings", by=lambda c: c["zoo"])
         if args.combine:
             write_json_atomic(RESULTS / f"{args.name}.json", {"machine": saved[0]["machine"], "args": vars(args),

@@ -66,7 +66,7 @@ def run(args, rows: list[dict], save) -> None:
     zoo = Zoo.open(args.zoo).filter(finite=True)
     epoch = args.epoch or max(zoo.epochs)
     sub = zoo.filter(epoch=epoch, min_test_acc=args.cutoff / 100)
-    n_classes = zoo.records[0]["arch"]["n_classes"]
+    arch = zoo.records[0]["arch"]
     name = Path(args.zoo).name
     done = {(r["seed"], r["method"], r["fraction"]) for r in rows}
     for seed in args.seeds:
@@ -79,7 +79,7 @@ def run(args, rows: list[dict], save) -> None:
                 if (seed, method, fraction) in done:
                     continue
                 metrics, _, _, seconds = run_method(method, train, val, test, seed, args.epochs, True, collapsed,
-                                                    n_classes)
+                                                    arch["n_classes"], arch)
                 rows.append({"zoo": name, "epoch": epoch, "cutoff": args.cutoff, "seed": seed, "method": method,
                              "fraction": fraction, "n_train": len(part.members), "n_test": len(test_zoo.members),
                              **metrics, "train_seconds": seconds})

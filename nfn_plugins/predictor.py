@@ -23,6 +23,7 @@ from .metrics import regression_report
 from .nn import TransformerNFN
 from .nn.collapse import CollapseHead, output_bias
 from .nn.normalize import log_scale_features
+from .probes import ProbeFeatures
 from .weight_space import WeightSpace
 
 
@@ -47,6 +48,10 @@ class PredictorConfig:
     # Off by default: its gate is trained on zoo members, and in eval mode a wrong call predicts a working
     # model at a class frequency
     n_classes: int = 0
+    # > 0: features of the networks' outputs on this many learned probe images (`ProbeFeatures`) join the NFN's,
+    # for the one architecture ``probe_arch`` (a zoo's ``arch`` dict); exactly invariant, see nfn_plugins/probes.py
+    probes: int = 0
+    probe_arch: dict | None = None
 
 
 @dataclass
@@ -119,19 +124,26 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
         super().__init__()
         self.config = config or PredictorConfig()
         c = self.config
+        if c.probes and c.probe_arch is None:
+            raise ValueError("probe features (probes > 0) run one architecture: give probe_arch (a zoo's arch dict)")
+        self.probe = ProbeFeatures(c.probe_arch, c.probes) if c.probes else None
+        extra = self.probe.out_dim if self.probe is not None else 0
         self.nfn = TransformerNFN(in_channels=1, channels=c.channels, n_layers=c.n_layers, hidden=c.hidden,
                                   product_channels=c.product_channels, invariant_dim=c.invariant_dim,
                                   head_hidden=c.head_hidden, out_dim=1, feature_limit=c.feature_limit,
-                                  head_layers=c.head_layers, scale_head_layers=c.scale_head_layers)
-        self.collapse = CollapseHead(self.nfn.feature_dim, c.n_classes) if c.n_classes else None
+                                  head_layers=c.head_layers, scale_head_layers=c.scale_head_layers,
+                                  extra_features=extra)
+        self.collapse = CollapseHead(self.nfn.feature_dim + extra, c.n_classes) if c.n_classes else None
         self.meta: dict = {}
 
     def forward(self, ws: WeightSpace, with_gate: bool = False):
         """Logits [B] for weight spaces with batch dims [B] or [B, 1]; ``with_gate``: (logits, collapse-gate
         logits or None) (through forward, so that DDP sees the gate's gradients)."""
-        if len(ws.batch_shape) == 1:
-            ws = ws.unsqueeze(1)
-        features = self.nfn.features(ws)
+        if len(ws.batch_shape) == 2 and ws.batch_shape[1] == 1:
+            ws = ws.map(lambda t: t.squeeze(1))
+        features = self.nfn.features(ws.unsqueeze(1))
+        if self.probe is not None:
+            features = torch.cat([features, self.probe(ws)], -1)
         logit, gate = self.nfn.readout(features).squeeze(-1), None
         if self.collapse is not None:
             logit, gate = self.collapse(features, output_bias(ws, self.collapse.n_classes), logit)

@@ -13,6 +13,7 @@ training members would say nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def _finite_zoo(path: str, epoch: int | None):
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    train, val, names, collapsed, classes = [], [], [], [], set()
+    train, val, names, collapsed, classes, archs = [], [], [], [], set(), set()
     for path in args.zoo:
         name, zoo = _finite_zoo(path, args.epoch)
         names.append(name)
@@ -61,11 +62,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.collapse_head:
             collapsed += collapsed_masks(t)
             classes |= {r["arch"]["n_classes"] for r in zoo.records}
+        archs |= {json.dumps(r["arch"], sort_keys=True) for r in zoo.records}
     if len(classes) > 1:
         raise SystemExit(f"--collapse-head reads one classifier output size; these zoos have {sorted(classes)} classes")
+    if args.probes and len(archs) > 1:
+        raise SystemExit(f"--probes runs one architecture; these zoos have {len(archs)}: select one zoo of one "
+                         "architecture")
     accelerator = _accelerator()
     model = AccuracyPredictor(PredictorConfig(scale_head_layers=args.scale_head_layers,
-                                              n_classes=classes.pop() if classes else 0))
+                                              n_classes=classes.pop() if classes else 0, probes=args.probes,
+                                              probe_arch=json.loads(archs.pop()) if args.probes else None))
     history = model.fit(train, val, FitConfig(epochs=args.epochs, seed=args.seed), accelerator=accelerator,
                         collapsed=collapsed if args.collapse_head else None)
     if accelerator is None or accelerator.is_main_process:
@@ -123,6 +129,9 @@ def add_parser(subparsers) -> None:
     f.add_argument("--collapse-head", action="store_true",
                    help="rank members that predict one class by the class their output bias picks "
                         "(PredictorConfig.n_classes, set from the zoo)")
+    f.add_argument("--probes", type=int, default=0,
+                   help="also read the members' outputs on this many learned probe images (PredictorConfig.probes; "
+                        "image zoos of one architecture)")
     f.set_defaults(func=_run)
     e = sub.add_parser("evaluate", help="score a saved or shipped predictor on zoos (Kendall tau, R2, L1)")
     e.add_argument("--predictor", required=True, help="a directory or a shipped name "

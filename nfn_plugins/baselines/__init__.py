@@ -7,11 +7,13 @@
   per-head products q k^T, v o instead of q, k, v, o (invariant under the NFN's whole group).
 - `ScaleMLP`: only the log-norms of the tensor types (the NFN's invariant rescaling scalars) into an MLP.
 - `FlatMLP`: the flattened weights (optionally a fixed random subset) into an MLP.
+- `ProbeMLP`: the networks' outputs on learned probe images into an MLP (probing; image models only).
 """
 
 from ..nn.head import Standardizer
 from .flat import FlatMLP
 from .paper_nfn import PaperEquivariantLayer, PaperInvariantLayer, PaperTransformerNFN
+from .probe import ProbeMLP
 from .scales import ScaleMLP
 from .statnn import (
     STATISTICS,
@@ -31,6 +33,7 @@ __all__ = [
     "PaperEquivariantLayer",
     "PaperInvariantLayer",
     "PaperTransformerNFN",
+    "ProbeMLP",
     "ScaleMLP",
     "StatNN",
     "Standardizer",

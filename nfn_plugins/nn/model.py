@@ -62,14 +62,15 @@ class TransformerNFN(nn.Module):
 
     def __init__(self, in_channels: int = 1, channels: int = 16, n_layers: int = 2, hidden: int = 32,
                  product_channels: int = 4, invariant_dim: int = 32, head_hidden: int = 64, out_dim: int = 1,
-                 feature_limit: float | None = None, head_layers: int = 1, scale_head_layers: int = 0):
+                 feature_limit: float | None = None, head_layers: int = 1, scale_head_layers: int = 0,
+                 extra_features: int = 0):
         super().__init__()
         self.feature_limit = feature_limit
         self.encoder = TransformerNFNEncoder(in_channels, channels, n_layers, hidden, product_channels)
         self.pool = InvariantLayer(channels, invariant_dim)
-        n_scales = in_channels * len(SCALE_SLOTS)
+        n_scales = self.n_scales = in_channels * len(SCALE_SLOTS)
         self.feature_dim = self.pool.out_dim + n_scales
-        self.head = mlp(self.feature_dim, [head_hidden] * head_layers, out_dim)
+        self.head = mlp(self.feature_dim + extra_features, [head_hidden] * head_layers, out_dim)
         self.scale_norm: Standardizer | None = None
         self.scale_head: nn.Sequential | None = None
         if scale_head_layers:
@@ -89,10 +90,11 @@ class TransformerNFN(nn.Module):
         return features if self.feature_limit is None else soft_clip(features, self.feature_limit)
 
     def readout(self, features: torch.Tensor) -> torch.Tensor:
-        """The heads' output [B, out_dim] from `features`."""
+        """The heads' output [B, out_dim] from `features` (and ``extra_features`` more columns after them, which
+        the main head reads too)."""
         out = self.head(features)
         if self.scale_head is not None:
-            out = out + self.scale_head(features[:, self.pool.out_dim :])
+            out = out + self.scale_head(features[:, self.pool.out_dim : self.feature_dim])
         return out
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
