@@ -4,7 +4,8 @@ Invariant Transformer-NFN features + a small head, trained with binary cross-ent
 [0, 1] (as in the paper). Symmetric copies of a network get the same prediction by construction; the
 symmetries the NFN does not build in (MLP-unit scales, RMSNorm stream signs) can be taught by
 augmentation with random group elements. With ``n_classes`` a collapse head (`nn.collapse`) ranks the
-members that predict one class for every input by the class their output bias picks.
+members that predict one class for every input by the class their output bias picks. With ``probes`` the heads
+also read each network's outputs on learned probe images (`nfn_plugins.probes`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class PredictorConfig:
     # model at a class frequency
     n_classes: int = 0
     # > 0: features of the networks' outputs on this many learned probe images (`ProbeFeatures`) join the NFN's,
-    # for the one architecture ``probe_arch`` (a zoo's ``arch`` dict); exactly invariant, see nfn_plugins/probes.py
+    # for the one architecture ``probe_arch`` (a zoo's ``arch`` dict); exactly invariant, see nfn_plugins/probes.py.
+    # Off by default: with the collapse head on mnist-paper (third build, 10 splits) 16 probes gave tau 0.795, 0.828
+    # without
     probes: int = 0
     probe_arch: dict | None = None
 

@@ -54,10 +54,13 @@ def test_features_are_invariant_to_every_group_element_and_see_other_changes(fam
 def test_probing_predictors_are_invariant_and_round_trip(tmp_path):
     arch = ARCHS["paper"]
     _, ws = _members(arch, 3, 3)
-    g = SymmetryGroup(ws.spec).sample(torch.Generator().manual_seed(4))
-    predictor = AccuracyPredictor(replace(SMALL, probes=4, probe_arch=arch, n_classes=10)).double()
+    group = SymmetryGroup(ws.spec)
+    # every head at once: the scale head must read the log-scales only, not the probe columns after them
+    predictor = AccuracyPredictor(replace(SMALL, probes=4, probe_arch=arch, n_classes=10, scale_head_layers=2)).double()
     baseline = ProbeMLP(arch, 4).double()
-    for model in (predictor, baseline):
+    # the predictor is invariant under the NFN's group (its log-norms see MLP-unit scales), probing under all of it
+    for model, unit_scales in ((predictor, False), (baseline, True)):
+        g = group.sample(torch.Generator().manual_seed(4), unit_scales=unit_scales)
         model.eval()
         with torch.no_grad():
             p, p_moved = model(ws), model(g.act(ws))

@@ -68,7 +68,7 @@ class TransformerNFN(nn.Module):
         self.feature_limit = feature_limit
         self.encoder = TransformerNFNEncoder(in_channels, channels, n_layers, hidden, product_channels)
         self.pool = InvariantLayer(channels, invariant_dim)
-        n_scales = self.n_scales = in_channels * len(SCALE_SLOTS)
+        n_scales = in_channels * len(SCALE_SLOTS)
         self.feature_dim = self.pool.out_dim + n_scales
         self.head = mlp(self.feature_dim + extra_features, [head_hidden] * head_layers, out_dim)
         self.scale_norm: Standardizer | None = None
