@@ -4,7 +4,7 @@ The zoo benchmark (`predictor.py`) tests on held-out members of the same zoo: sa
 grid and training length. A user's runs differ. Here the paper's zoo transformer is trained on MNIST by 12
 recipes (AdamW, SGD with momentum, RMSprop, the learned NFNOptimizer; learning rates and lengths outside or
 across the zoo's grid), 3 seeds each, its test accuracy measured on 5,000 images, and each predictor reads it
-from the weights. Results: benchmarks/results/predictor_recipes.{json,md}.
+from the weights. Results: benchmarks/results/predictor_recipes.{json,md} (another stem: --name).
 
     python benchmarks/predictor_recipes.py [--predictor DIR_OR_NAME --label NAME ...]   # default: mnist-paper
 
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
                    "(repeatable; default: mnist-paper)")
     p.add_argument("--label", action="append", default=[], help="a name for each --predictor in the table")
     p.add_argument("--seeds", type=int, default=3, help="models per recipe (different initialisation and data order)")
+    p.add_argument("--name", default="predictor_recipes", help="results file stem in benchmarks/results/")
     args = p.parse_args(argv)
     names = args.predictor or ["mnist-paper"]
     labels = args.label or names
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         results.append({"predictor": name, "label": label, "predicted": pred.tolist(),
                         **regression_report(pred, measured)})
     rows = [{"recipe": r, "measured": acc} for r, _, acc in models]
-    write_json_atomic(RESULTS / "predictor_recipes.json", {"machine": machine_info(), "git": git_state(
+    write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "git": git_state(
         Path(__file__).parent.parent), "recipes": rows, "predictors": results})
     lines = ["# Accuracy predictors on models trained by recipes outside the zoo", "",
              f"The paper's zoo transformer on MNIST, {args.seeds} model(s) per recipe (batch 64), test accuracy on "
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     for i, row in enumerate(rows):
         lines.append(f"| {row['recipe']} | {row['measured']:.3f} | "
                      + " | ".join(f"{r['predicted'][i]:.3f}" for r in results) + " |")
-    write_atomic(RESULTS / "predictor_recipes.md", "\n".join(lines) + "\n")
+    write_atomic(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
