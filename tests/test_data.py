@@ -157,3 +157,23 @@ def test_movie_reviews_deterministic_split_and_vocab(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] and all(p.parent == tmp_path for p in tmp_path.iterdir())
     c = D.load_movie_reviews(full=False, max_len=32, vocab_size=500, seed=1)
     assert not torch.equal(a.test_y, c.test_y)
+
+
+def test_convention_speeches_split_by_speech_and_cover_every_word():
+    """Passages of max_len words, every word of every speech in exactly one passage (none dropped, none padded
+    away), both parties on both sides of the split, and about a fifth of the passages on the test side."""
+    import csv
+
+    ds = D.load_convention_speeches(max_len=16, vocab_size=500)
+    assert ds.n_classes == 2 and ds.kind == "text" and ds.train_x.shape[1] == 16
+    with open(D.convention_speech_file(), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    lengths = [len(D.tokenize(r["text"])) for r in rows]
+    assert len(ds.train_y) + len(ds.test_y) == sum(-(-n // 16) for n in lengths)
+    tokens = lambda x: int((x != 0).sum())  # noqa: E731
+    assert tokens(ds.train_x) + tokens(ds.test_x) == sum(lengths)
+    assert set(ds.train_y.unique().tolist()) == set(ds.test_y.unique().tolist()) == {0, 1}
+    test_speeches = round(0.2 * len(rows))
+    assert abs(len(ds.test_y) / (len(ds.train_y) + len(ds.test_y)) - test_speeches / len(rows)) < 0.1
+    with pytest.raises(ValueError, match="test_fraction"):
+        D.load_convention_speeches(test_fraction=1.0)
