@@ -62,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.collapse_head:
             collapsed += collapsed_masks(t)
             classes |= {r["arch"]["n_classes"] for r in zoo.records}
-        archs |= {json.dumps(r["arch"], sort_keys=True) for r in zoo.records}
+        if args.probes:  # the one architecture the probes run
+            archs |= {json.dumps(r["arch"], sort_keys=True) for r in zoo.records}
     if len(classes) > 1:
         raise SystemExit(f"--collapse-head reads one classifier output size; these zoos have {sorted(classes)} classes")
     if args.probes and len(archs) > 1:
