@@ -51,21 +51,22 @@ from nfn_plugins.predictor import (  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ours", "ours-scale-head", "ours-collapse", "ours-probe", "scale-mlp", "scale-mlp-sizes", "paper-nfn",
-           "statnn", "gbt", "gbt-invariant", "gbt-collapse", "flat-mlp", "probe-mlp")
+METHODS = ("ours", "ours-scale-head", "ours-collapse", "ours-probe", "ours-scale-head-probe", "scale-mlp",
+           "scale-mlp-sizes", "paper-nfn", "statnn", "gbt", "gbt-invariant", "gbt-collapse", "flat-mlp", "probe-mlp")
 # with the collapse rule (nfn_plugins/nn/collapse.py): need the masks
 COLLAPSE = ("ours-collapse", "ours-probe", "gbt-collapse")
 SCATTERED = ("ours", "ours-collapse")  # the predicted-vs-true plot's methods
 RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick",
                 "train_all_epochs")  # --resume must match these
-N_PROBES = 16  # learned probe images of the probing methods (ours-probe, probe-mlp)
+N_PROBES = 16  # learned probe images of the probing methods (PROBING)
 OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2),
-        "ours-collapse": PredictorConfig(), "ours-probe": PredictorConfig(probes=N_PROBES)}
-# the shipped config first; the collapse methods get the zoo's n_classes, ours-probe its architecture too
-PROBING = ("ours-probe", "probe-mlp")  # run the members' forward on learned images: one image architecture
+        "ours-collapse": PredictorConfig(), "ours-probe": PredictorConfig(probes=N_PROBES),
+        "ours-scale-head-probe": PredictorConfig(scale_head_layers=2, probes=N_PROBES)}
+# the shipped config first; the collapse methods get the zoo's n_classes, the probing ones its architectures too
+PROBING = ("ours-probe", "ours-scale-head-probe", "probe-mlp")  # run the members' forward on learned images
 # methods that read any width and depth (the others need one fixed architecture)
-WIDTH_AGNOSTIC = (*(m for m in OURS if m not in PROBING), "scale-mlp", "scale-mlp-sizes", "statnn", "gbt",
-                  "gbt-invariant", "gbt-collapse")
+WIDTH_AGNOSTIC = (*OURS, "scale-mlp", "scale-mlp-sizes", "statnn", "gbt", "gbt-invariant", "gbt-collapse",
+                  "probe-mlp")
 
 
 def _fit_module(model: nn.Module, train, val, epochs: int, lr: float, batch: int, seed: int) -> nn.Module:
@@ -103,10 +104,10 @@ def _evaluate_module(model, groups) -> dict:
 
 def run_method(method: str, train, val, test, seed: int, epochs: int, augment: bool = True,
                collapsed: list[torch.Tensor] | None = None, n_classes: int = 0,
-               arch: dict | None = None) -> tuple[dict, torch.Tensor, int, float]:
+               archs: list[dict] | None = None) -> tuple[dict, torch.Tensor, int, float]:
     """(test metrics, test predictions, parameter count, training seconds). The collapse methods need which
     training members collapsed (``collapsed``, a mask per training group) and the zoo's ``n_classes``; the
-    probing methods the members' architecture ``arch`` (the zoo's, one only)."""
+    probing methods the architectures ``archs`` of the training and test members (the zoo's)."""
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     spec = train[0][0].spec
@@ -114,12 +115,12 @@ def run_method(method: str, train, val, test, seed: int, epochs: int, augment: b
     per_block = len({ws.spec for ws, _ in train + test}) == 1
     if method in COLLAPSE and (collapsed is None or not n_classes):
         raise ValueError(f"{method} needs the training members' collapse masks and the number of classes")
-    if method in PROBING and (arch is None or not per_block):
-        raise ValueError(f"{method} runs the members' forward: it needs their one architecture (arch)")
+    if method in PROBING and not archs:
+        raise ValueError(f"{method} runs the members' forward: it needs their architectures (archs)")
     if method in OURS:
         collapse = method in COLLAPSE
         config = replace(OURS[method], n_classes=n_classes) if collapse else OURS[method]
-        model = AccuracyPredictor(replace(config, probe_arch=arch) if config.probes else config)
+        model = AccuracyPredictor(replace(config, probe_archs=archs) if config.probes else config)
         model.fit(train, val, FitConfig(epochs=epochs, seed=seed, augment=augment), progress=False,
                   collapsed=collapsed if collapse else None)
         pred = torch.cat([model.predict(ws) for ws, _ in test])
@@ -142,7 +143,7 @@ def run_method(method: str, train, val, test, seed: int, epochs: int, augment: b
         model = {"paper-nfn": lambda: PaperTransformerNFN(spec), "statnn": lambda: StatNN(spec, per_block=per_block),
                  "scale-mlp": lambda: ScaleMLP(), "scale-mlp-sizes": lambda: ScaleMLP(sizes=True),
                  "flat-mlp": lambda: FlatMLP(spec, max_features=20_000, seed=seed),
-                 "probe-mlp": lambda: ProbeMLP(arch, N_PROBES, seed=seed)}[method]()
+                 "probe-mlp": lambda: ProbeMLP(archs, N_PROBES, seed=seed)}[method]()
         if hasattr(model, "fit_normalizer"):
             model.fit_normalizer(torch.cat([model.features(ws) for ws, _ in train]))
         lr = 1e-3 if method != "flat-mlp" else 3e-4
@@ -199,9 +200,9 @@ def benchmark_zoo(path: str, epoch: int | None, cutoffs, seeds, methods, epochs:
                     continue
                 if (Path(path).name, cutoff, seed, method) in done:
                     continue
-                arch = zoo.records[0]["arch"]
                 metrics, pred, n_params, seconds = run_method(method, train, val, test, seed, epochs, augment,
-                                                              collapsed, arch["n_classes"], arch)
+                                                              collapsed, zoo.records[0]["arch"]["n_classes"],
+                                                              zoo.archs)
                 row = {"zoo": Path(path).name, "epoch": epoch, "cutoff": cutoff, "seed": seed, "method": method,
                        "train_epochs": "all" if train_all_epochs else "one", **metrics, "params": n_params,
                        "train_seconds": seconds, "n_train": sum(len(y) for _, y in train),
@@ -278,7 +279,7 @@ def out_of_distribution(path: str, epoch: int | None, seeds, epochs: int, method
             train = every_epoch_of(train, every_epoch)
         collapsed = collapsed_masks(train) if method in COLLAPSE else None
         m, *_ = run_method(method, *(as_groups(z) for z in (train, val, wide)), seed, epochs, augment, collapsed,
-                           zoo.records[0]["arch"]["n_classes"])
+                           zoo.records[0]["arch"]["n_classes"], zoo.archs)
         rows.append({"zoo": Path(path).name, "method": method, "seed": seed,
                      "train_epochs": "all" if train_all_epochs else "one", "train_widths": widths[:-1],
                      "test_width": widths[-1], **m})
@@ -336,11 +337,12 @@ def markdown(rows, ood, ceilings, args, ood_ceilings=()) -> str:
              "bias, behind a gate trained on which training members collapsed; `gbt-collapse` is GBT-invariant "
              "with the same rule and a tree classifier as the gate; `ours-probe` is ours-collapse whose heads also "
              f"read the members' outputs on {N_PROBES} learned probe images (`nfn_plugins.probes`: each member's "
-             "own forward, started from noise, trained with the predictor), `probe-mlp` those outputs alone into "
-             "an MLP (probing, trained like the other baselines). On a zoo of several architectures STATNN "
-             "and the GBTs read "
-             "statistics pooled over the blocks (one feature set for every width and depth); the paper's NFN, "
-             "the flat MLP and the probing methods need one architecture and do not run there. `train epochs`: "
+             "own forward, started from noise, trained with the predictor; one set of probes for every "
+             "architecture of the zoo), `ours-scale-head-probe` ours-scale-head with the same probes, `probe-mlp` "
+             "those outputs alone into an MLP (probing, trained like the other baselines). On a zoo of several "
+             "architectures STATNN and the GBTs read "
+             "statistics pooled over the blocks (one feature set for every width and depth); the paper's NFN "
+             "and the flat MLP need one architecture and do not run there. `train epochs`: "
              "`one` trains on the "
              "protocol epoch's checkpoints of the training members, `all` on the checkpoints of every saved epoch "
              "of the same members (`--train-all-epochs`: more data, no more members; validation and test stay on "

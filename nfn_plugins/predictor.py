@@ -50,11 +50,12 @@ class PredictorConfig:
     # model at a class frequency
     n_classes: int = 0
     # > 0: features of the networks' outputs on this many learned probe images (`ProbeFeatures`) join the NFN's,
-    # for the one architecture ``probe_arch`` (a zoo's ``arch`` dict); exactly invariant, see nfn_plugins/probes.py.
+    # for the architectures ``probe_archs`` (a zoo's ``arch`` dicts; the predictor then reads only those);
+    # exactly invariant, see nfn_plugins/probes.py.
     # Off by default: with the collapse head on mnist-paper (third build, 10 splits) 16 probes gave tau 0.795, 0.828
     # without
     probes: int = 0
-    probe_arch: dict | None = None
+    probe_archs: list[dict] | None = None
 
 
 @dataclass
@@ -127,9 +128,10 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
         super().__init__()
         self.config = config or PredictorConfig()
         c = self.config
-        if c.probes and c.probe_arch is None:
-            raise ValueError("probe features (probes > 0) run one architecture: give probe_arch (a zoo's arch dict)")
-        self.probe = ProbeFeatures(c.probe_arch, c.probes) if c.probes else None
+        if c.probes and not c.probe_archs:
+            raise ValueError("probe features (probes > 0) run the members' forward: give probe_archs (a zoo's "
+                             "arch dicts)")
+        self.probe = ProbeFeatures(c.probe_archs, c.probes) if c.probes else None
         extra = self.probe.out_dim if self.probe is not None else 0
         self.nfn = TransformerNFN(in_channels=1, channels=c.channels, n_layers=c.n_layers, hidden=c.hidden,
                                   product_channels=c.product_channels, invariant_dim=c.invariant_dim,

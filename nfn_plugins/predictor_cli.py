@@ -52,7 +52,7 @@ def _finite_zoo(path: str, epoch: int | None):
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    train, val, names, collapsed, classes, archs = [], [], [], [], set(), set()
+    train, val, names, collapsed, classes, archs = [], [], [], [], set(), {}
     for path in args.zoo:
         name, zoo = _finite_zoo(path, args.epoch)
         names.append(name)
@@ -62,17 +62,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.collapse_head:
             collapsed += collapsed_masks(t)
             classes |= {r["arch"]["n_classes"] for r in zoo.records}
-        if args.probes:  # the one architecture the probes run
-            archs |= {json.dumps(r["arch"], sort_keys=True) for r in zoo.records}
+        if args.probes:  # the architectures the probes run
+            archs.update((json.dumps(a, sort_keys=True), a) for a in zoo.archs)
     if len(classes) > 1:
         raise SystemExit(f"--collapse-head reads one classifier output size; these zoos have {sorted(classes)} classes")
-    if args.probes and len(archs) > 1:
-        raise SystemExit(f"--probes runs one architecture; these zoos have {len(archs)}: select one zoo of one "
-                         "architecture")
     accelerator = _accelerator()
     model = AccuracyPredictor(PredictorConfig(scale_head_layers=args.scale_head_layers,
                                               n_classes=classes.pop() if classes else 0, probes=args.probes,
-                                              probe_arch=json.loads(archs.pop()) if args.probes else None))
+                                              probe_archs=list(archs.values()) or None))
     history = model.fit(train, val, FitConfig(epochs=args.epochs, seed=args.seed), accelerator=accelerator,
                         collapsed=collapsed if args.collapse_head else None)
     if accelerator is None or accelerator.is_main_process:
@@ -132,7 +129,7 @@ def add_parser(subparsers) -> None:
                         "(PredictorConfig.n_classes, set from the zoo)")
     f.add_argument("--probes", type=int, default=0,
                    help="also read the members' outputs on this many learned probe images (PredictorConfig.probes; "
-                        "image zoos of one architecture)")
+                        "image zoos; the saved predictor then reads only the zoos' architectures)")
     f.set_defaults(func=_run)
     e = sub.add_parser("evaluate", help="score a saved or shipped predictor on zoos (Kendall tau, R2, L1)")
     e.add_argument("--predictor", required=True, help="a directory or a shipped name "

@@ -137,12 +137,11 @@ def test_fit_command_trains_and_saves_a_loadable_predictor(tmp_path):
                  "--collapse-head"]) == 0
     collapse = AccuracyPredictor.from_pretrained(tmp_path / "c").collapse
     assert collapse.n_classes == 10 and ((collapse.class_accuracy > 0) & (collapse.class_accuracy < 1)).all()
-    # probe features: the architecture to run comes from the zoo's records
+    # probe features: the architectures to run come from the zoo's records
     assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "r"), "--epochs", "1",
                  "--probes", "2"]) == 0
     probing = AccuracyPredictor.from_pretrained(tmp_path / "r")
-    arch = Zoo.open(tmp_path / "zoo").records[0]["arch"]
-    assert probing.probe.probes.shape[0] == 2 and probing.config.probe_arch == arch
+    assert probing.probe.probes.shape[0] == 2 and probing.config.probe_archs == Zoo.open(tmp_path / "zoo").archs
     with pytest.raises(SystemExit, match="no finite checkpoints at epoch 99"):
         main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "q"), "--epoch", "99"])
 

@@ -15,6 +15,7 @@ from nfn_plugins.zoo import build_model, extract_zoo_weights, paper_arch
 
 ARCHS = {"paper": paper_arch(d_model=16, n_heads=2, mlp_width=32, classifier_width=8),
          "vit": {"family": "vit", "d_model": 16, "n_heads": 2, "n_blocks": 2}}
+WIDER_VIT = {"family": "vit", "d_model": 24, "n_heads": 4, "n_blocks": 1}
 SMALL = PredictorConfig(channels=6, hidden=16, product_channels=2, invariant_dim=8, head_hidden=16)
 
 
@@ -51,12 +52,26 @@ def test_features_are_invariant_to_every_group_element_and_see_other_changes(fam
     assert (probe(nudged) - probe(ws)).abs().max() > 1e-4
 
 
+def test_one_set_of_probes_runs_each_architecture_through_its_own_forward():
+    archs = [ARCHS["vit"], WIDER_VIT, ARCHS["paper"]]
+    probe = ProbeFeatures(archs, 3).double()
+    for seed, arch in enumerate(archs):
+        models, ws = _members(arch, 2, 10 + seed)
+        assert torch.allclose(probe.logits(ws), torch.stack([m(probe.probes.detach()) for m in models]), atol=1e-12)
+    _, unknown = _members({**WIDER_VIT, "n_blocks": 2}, 2, 13)
+    with pytest.raises(ValueError, match="another architecture"):
+        probe.logits(unknown)
+    with pytest.raises(ValueError, match="same images and have the same classes"):
+        ProbeFeatures([ARCHS["vit"], {**WIDER_VIT, "n_classes": 3}], 3)
+
+
 def test_probing_predictors_are_invariant_and_round_trip(tmp_path):
     arch = ARCHS["paper"]
     _, ws = _members(arch, 3, 3)
     group = SymmetryGroup(ws.spec)
     # every head at once: the scale head must read the log-scales only, not the probe columns after them
-    predictor = AccuracyPredictor(replace(SMALL, probes=4, probe_arch=arch, n_classes=10, scale_head_layers=2)).double()
+    predictor = AccuracyPredictor(replace(SMALL, probes=4, probe_archs=[arch], n_classes=10,
+                                          scale_head_layers=2)).double()
     baseline = ProbeMLP(arch, 4).double()
     # the predictor is invariant under the NFN's group (its log-norms see MLP-unit scales), probing under all of it
     for model, unit_scales in ((predictor, False), (baseline, True)):
@@ -76,7 +91,7 @@ def test_bad_probe_settings_are_refused():
         ProbeFeatures(paper_arch("text"), 4)
     with pytest.raises(ValueError, match="n_probes must be >= 1"):
         ProbeFeatures(ARCHS["paper"], 0)
-    with pytest.raises(ValueError, match="give probe_arch"):
+    with pytest.raises(ValueError, match="give probe_archs"):
         AccuracyPredictor(replace(SMALL, probes=4))
     _, vit = _members(ARCHS["vit"], 2, 5)
     with pytest.raises(ValueError, match="another architecture"):

@@ -947,6 +947,14 @@ class Zoo:
         return sorted({r["arch_key"] for r in self.records})
 
     @property
+    def archs(self) -> list[dict]:
+        """The distinct architectures (``arch`` dicts), in `arch_keys` order."""
+        first: dict[str, dict] = {}
+        for r in self.records:
+            first.setdefault(r["arch_key"], r["arch"])
+        return [first[k] for k in self.arch_keys]
+
+    @property
     def epochs(self) -> list[int]:
         return sorted({r["epoch"] for r in self.records})
 
