@@ -130,18 +130,20 @@ BASE_OF = {"nfn": "adam", "nfn-muon": "muon", "equivariant-adam": "adam", "equiv
 
 
 def _make_optimizer(kind: str, model: nn.Module, lr: float, learned: LearnedUpdate | None,
-                    correction_horizon: float | None = None, nesterov: bool | None = None):
-    """``nesterov`` (ours only): None takes the learned update's validated setting, for the base alone too."""
+                    correction_horizon: float | None = None, nesterov: bool | None = None,
+                    embedding_lr_ratio: float | None = None):
+    """``nesterov`` (ours only): None takes the learned update's validated setting, for the base alone too.
+    ``embedding_lr_ratio`` (ours only): None takes each one's own, the learned update's validated ratio or 1."""
     if nesterov is None and kind in OURS + LEARNED_KINDS:
         nesterov = learned.nesterov if learned is not None else False
+    ours = dict(weight_decay=0.0, nesterov=nesterov, embedding_lr_ratio=embedding_lr_ratio)
     if kind in ("nfn", "nfn-muon"):
-        return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=correction_horizon,
-                            base_direction=BASE_OF[kind], nesterov=nesterov)
+        return NFNOptimizer(model, lr=lr, learned=learned, correction_horizon=correction_horizon,
+                            base_direction=BASE_OF[kind], **ours)
     if kind == "nfn-never-fading":  # the same learned update with its correction at full strength throughout
-        return NFNOptimizer(model, lr=lr, learned=learned, weight_decay=0.0, correction_horizon=math.inf,
-                            nesterov=nesterov)
+        return NFNOptimizer(model, lr=lr, learned=learned, correction_horizon=math.inf, **ours)
     if kind in ("equivariant-adam", "equivariant-muon"):  # the base step alone
-        return NFNOptimizer(model, lr=lr, weight_decay=0.0, base_direction=BASE_OF[kind], nesterov=nesterov)
+        return NFNOptimizer(model, lr=lr, base_direction=BASE_OF[kind], **ours)
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     return torch.optim.Adam(model.parameters(), lr=lr)
@@ -168,9 +170,12 @@ def backward(model: nn.Module, opt: torch.optim.Optimizer, forward, x: torch.Ten
 
 
 def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, batch_size: int = 64,
-            schedule: str = "constant", correction_horizon: float | None = None, nesterov: bool | None = None) -> dict:
+            schedule: str = "constant", correction_horizon: float | None = None, nesterov: bool | None = None,
+            embedding_lr_ratio: float | None = None) -> dict:
     model, (x, y), (xt, yt), forward = _task(task, seed)
-    opt = _make_optimizer(kind, model, lr, learned, correction_horizon, nesterov)
+    opt = _make_optimizer(kind, model, lr, learned, correction_horizon, nesterov, embedding_lr_ratio)
+    # recorded where it acts: a model with token-embedding tables and a ratio other than 1
+    embedding_group = isinstance(opt, NFNOptimizer) and any(g["name"] == "base_embeddings" for g in opt.param_groups)
     horizon = getattr(opt, "correction_horizon", None) if kind in ("nfn", "nfn-muon") else None
     # "linear": lr decays linearly to 0 over the budget (the Hugging Face Trainer's default), for every optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps) if schedule == "linear" else None
@@ -194,7 +199,9 @@ def run_one(task: str, kind: str, lr: float, steps: int, seed: int, learned, bat
         acc = float((forward(model, xt).argmax(-1) == yt).float().mean())
     muon = isinstance(opt, NFNOptimizer) and opt.param_groups[0]["base_direction"] == "muon"
     return {"task": task, "seed": seed, "optimizer": kind, "lr": lr, "horizon": horizon,
-            "nesterov": opt.param_groups[0]["nesterov"] if muon else None, "final_loss": curve[-1], "test_acc": acc,
+            "nesterov": opt.param_groups[0]["nesterov"] if muon else None,
+            "embedding_lr_ratio": opt.embedding_lr_ratio if embedding_group else None,
+            "final_loss": curve[-1], "test_acc": acc,
             "step_s": statistics.mean(step_times), "opt_step_s": statistics.mean(opt_times),
             # medians over the first steps, where the learned correction runs at full strength
             "step_early_s": statistics.median(step_times[:EARLY_STEPS]),
@@ -224,6 +231,10 @@ def main(argv=None) -> int:
     p.add_argument("--base-direction", help="comma-separated base steps for the NFN optimizer and the base alone "
                    "(adam: runs `nfn` and `equivariant-adam`; muon: `nfn-muon` and `equivariant-muon`; default: the "
                    "learned update's validated one)")
+    p.add_argument("--embedding-lr-ratio",
+                   help="comma-separated lr multipliers for token-embedding tables (NFNOptimizer.embedding_lr_ratio) "
+                        "for the NFN optimizer and the base alone (default: each one's own: the learned update's "
+                        "validated ratio, 1 for the base alone)")
     p.add_argument("--nesterov", choices=("on", "off"),
                    help="Nesterov momentum in the Muon base, for the NFN optimizer and the base alone (default: the "
                         "learned update's validated setting)")
@@ -263,6 +274,7 @@ def main(argv=None) -> int:
                 "val-text-D<width>-H<heads>-L<depth>")
     nfn_lrs = [float(x) for x in args.nfn_lr.split(",")] if args.nfn_lr else [learned.recommended_lr]
     horizons = [float(x) for x in args.correction_horizon.split(",")] if args.correction_horizon else [None]
+    ratios = [float(x) for x in args.embedding_lr_ratio.split(",")] if args.embedding_lr_ratio else [None]
     bases = args.base_direction.split(",") if args.base_direction else [learned.base_direction]
     if not set(bases) <= set(BASE_DIRECTIONS):
         p.error(f"--base-direction takes one or more of {BASE_DIRECTIONS}, got {args.base_direction!r}")
@@ -274,14 +286,16 @@ def main(argv=None) -> int:
             lrs = [float(x) for x in args.minilm_lr.split(",")] if minilm else nfn_lrs
             runs = [] if args.no_baselines else [("adamw", lr) for lr in (MINILM_ADAMW_GRID if minilm else ADAMW_GRID)]
             runs += [] if args.no_baselines else [("adam-default", 1e-3)]
-            runs += [] if args.no_base_alone else [(f"equivariant-{b}", lr) for b in bases for lr in lrs]
-            runs += [("nfn" if b == "adam" else "nfn-muon", lr, h) for b in bases for lr in lrs for h in horizons]
+            runs += [] if args.no_base_alone else [(f"equivariant-{b}", lr, None, e) for b in bases for lr in lrs
+                                                   for e in ratios]
+            runs += [("nfn" if b == "adam" else "nfn-muon", lr, h, e) for b in bases for lr in lrs for h in horizons
+                     for e in ratios]
             if args.compare_never_fading:
-                runs += [("nfn-never-fading", lr) for lr in lrs]
-            for kind, lr, *horizon in runs:
-                r = run_one(task, kind, lr, steps, seed, learned, schedule=args.schedule,
-                            correction_horizon=horizon[0] if horizon else None,
-                            nesterov={"on": True, "off": False, None: None}[args.nesterov])
+                runs += [("nfn-never-fading", lr, None, e) for lr in lrs for e in ratios]
+            for kind, lr, *setting in runs:
+                horizon, ratio = setting or (None, None)
+                r = run_one(task, kind, lr, steps, seed, learned, schedule=args.schedule, correction_horizon=horizon,
+                            nesterov={"on": True, "off": False, None: None}[args.nesterov], embedding_lr_ratio=ratio)
                 if kind in LEARNED_KINDS:
                     r["learned"] = args.learned
                 print(f"[optimizer] {task:<16} seed {seed} {kind:<17} lr={lr:<7g} final {r['final_loss']:.4f} "
@@ -399,9 +413,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _label(r: dict) -> str:
-    """The optimizer, with Nesterov momentum if its Muon base had it and the learned update it ran (reports may
-    combine several)."""
+    """The optimizer, with Nesterov momentum if its Muon base had it, its token-embedding lr ratio where one acted
+    and the learned update it ran (reports may combine several)."""
     kind = r["optimizer"] + ("-nesterov" if r.get("nesterov") else "")  # rows from before the option: without
+    kind += f"-emb{r['embedding_lr_ratio']:g}" if r.get("embedding_lr_ratio") else ""  # only where it acted
     return f"{kind} ({r['learned']})" if r.get("learned") else kind
 
 

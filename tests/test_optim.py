@@ -270,8 +270,9 @@ def test_learned_update_sees_zero_moments_outside_the_blocks():
 
 @pytest.mark.parametrize("update", ["vit-mnist", DEFAULT_LEARNED_UPDATE])
 def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path, update):
-    """A shipped update's metadata carries its validated base step, lr and horizon; without them: the Adam
-    base, the meta-training task length (no fade if unknown) and lr 1e-3; explicit arguments win."""
+    """A shipped update's metadata carries its validated base step, lr, horizon and token-embedding lr ratio;
+    without them: the Adam base, the meta-training task length (no fade if unknown), lr 1e-3 and ratio 1;
+    explicit arguments win."""
     model, _ = build("bert")
     shipped = LearnedUpdate.from_pretrained(update)
     assert shipped.horizon == shipped.meta["correction_horizon"] < shipped.meta["meta_config"]["task_steps"][1]
@@ -282,6 +283,13 @@ def test_horizon_and_lr_default_to_the_values_validated_with_the_update(tmp_path
     assert opt.param_groups[0]["base_direction"] == shipped.base_direction == shipped.meta["base_direction"] == "muon"
     assert NFNOptimizer.from_pretrained(update, model, base_direction="adam").param_groups[0]["base_direction"] == "adam"
     assert NFNOptimizer(model, learned=shipped, correction_horizon=math.inf).correction_horizon == math.inf
+    # the token-embedding lr ratio validated on text (the default update's), else 1: no group of its own
+    ratio = shipped.meta.get("embedding_lr_ratio", 1.0)
+    assert opt.embedding_lr_ratio == shipped.embedding_lr_ratio == ratio == (0.1 if update == DEFAULT_LEARNED_UPDATE else 1)
+    groups = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert groups.get("base_embeddings") == (None if ratio == 1 else ratio * shipped.recommended_lr)
+    assert "base_embeddings" not in {g["name"] for g in NFNOptimizer.from_pretrained(update, model,
+                                                                                     embedding_lr_ratio=1).param_groups}
     unvalidated = _learned()
     unvalidated.meta = {"meta_config": {"task_steps": [40, 240]}}
     unvalidated.save_pretrained(tmp_path / "u")
@@ -347,6 +355,43 @@ def test_a_base_optimizer_with_several_groups_shares_them_all():
     assert opt2.base.param_groups == opt2.param_groups[1:]
     _train(resumed, opt2, inputs, 2)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def test_token_embeddings_step_at_their_own_lr_ratio():
+    """embedding_lr_ratio puts nn.Embedding tables in a group of their own at the base lr times the ratio (a
+    scheduler keeps the ratio, a resume is bit-identical); a model without embedding tables trains exactly as
+    with ratio 1."""
+    model, make_inputs = build("bert")
+    inputs = make_inputs(0)
+    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    opt = NFNOptimizer(model, lr=1e-2, base_kwargs={"lr": 4e-3}, embedding_lr_ratio=0.1)
+    assert [g["name"] for g in opt.param_groups] == ["nfn_blocks", "base", "base_embeddings"]
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 4e-3, 4e-3 * 0.1]
+    assert {id(p) for p in opt.param_groups[2]["params"]} == {id(p) for p in tables}
+    before = [t.detach().clone() for t in tables]
+    _train(model, opt, inputs, 2)
+    assert all(not torch.equal(a, b) for a, b in zip(before, tables))  # the tables do train
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, inputs, 2)
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved_model)
+    opt2 = NFNOptimizer(resumed, lr=1e-2, base_kwargs={"lr": 4e-3}, embedding_lr_ratio=0.1)
+    opt2.load_state_dict(saved_opt)
+    _train(resumed, opt2, inputs, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 0.5)
+    assert [g["lr"] for g in opt2.param_groups] == [5e-3, 2e-3, 2e-3 * 0.1]
+    # the ratio changes a text model's training, and leaves a ViT's (no embedding tables) bit for bit
+    for name, changes in (("bert", True), ("vit", False)):
+        runs = []
+        for ratio in (1.0, 0.1):
+            torch.manual_seed(0)
+            m, make = build(name)
+            o = NFNOptimizer(m, lr=1e-2, embedding_lr_ratio=ratio)
+            assert len(o.param_groups) == (3 if changes and ratio != 1 else 2)
+            _train(m, o, make(0), 3)
+            runs.append([p.detach().clone() for p in m.parameters()])
+        assert any(not torch.equal(a, b) for a, b in zip(*runs)) == changes
 
 
 def test_state_saved_before_the_base_choices_existed_loads_as_what_it_ran():
@@ -473,6 +518,9 @@ def test_bad_arguments():
         NFNOptimizer(model, nonfinite="ignore")
     with pytest.raises(ValueError, match=r"base_direction must be one of \('adam', 'muon'\), got 'sgd'"):
         NFNOptimizer(model, base_direction="sgd")
+    for ratio in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="embedding_lr_ratio must be a positive number"):
+            NFNOptimizer(model, embedding_lr_ratio=ratio)
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable transformer block"):
