@@ -1,9 +1,10 @@
 """Meta-training the learned optimizer (`LearnedUpdate`) with truncated unrolls, on CPU.
 
-Tasks: small transformers trained on MNIST, with random width, heads, depth, learning rate and seed:
-Hugging Face ViTs (residual, pre-LN) and, with ``families=("vit", "paper")``, the paper's residual-free
-zoo transformer as well (whose early plateau at the uniform prediction an update meta-trained on ViTs alone
-can fail to leave). Each task is trained for a random number of steps in truncations of ``unroll``
+Tasks: small transformers with random width, heads, depth, learning rate and seed, from the families in
+``MetaConfig.families``: Hugging Face ViTs (residual, pre-LN) on MNIST; the paper's residual-free zoo transformer on
+MNIST (whose early plateau at the uniform prediction an update meta-trained on ViTs alone can fail to leave);
+Hugging Face BERTs (post-LN, token-embedding tables) on passages of party-convention speeches (text, a corpus the
+benchmark's held-out text tasks do not use). Each task is trained for a random number of steps in truncations of ``unroll``
 steps; after each truncation the learned update takes one meta-gradient step on the mean log training
 loss of that truncation. Past ``dense_steps`` steps into a task only every ``sparse_every``-th truncation
 does; the others only advance the task (no graph, no meta-gradient), so long tasks reach late training,
@@ -62,26 +63,32 @@ class MetaConfig:
     init: str | None = None  # start from this learned update (a directory or shipped name)
 
 
-TASK_FAMILIES = ("vit", "paper")
+TASK_DATASETS = {"vit": "mnist", "paper": "mnist", "bert": "convention_speeches"}  # each family's training data
+TASK_FAMILIES = tuple(TASK_DATASETS)
+TEXT_LEN, TEXT_VOCAB = 16, 2000  # the text tasks' passage length and vocabulary (the benchmark's val-text tasks')
 
 
 def _make_model(family: str, d: int, h: int, depth: int) -> tuple[nn.Module, Callable]:
-    """A fresh task model: a HF ViT (patch 7) or the paper's residual-free transformer (4x4 patches, MLP 2d),
-    and ``logits(model, params, images)`` for it (the one place that knows each family's call)."""
-    from .zoo.models import PaperConfig, PaperTransformer, make_vit
+    """A fresh task model: a HF ViT (patch 7), the paper's residual-free transformer (4x4 patches, MLP 2d) or a HF
+    BERT (MLP 2d), and ``logits(model, params, inputs)`` for it (the one place that knows each family's call)."""
+    from .zoo.models import PaperConfig, PaperTransformer, make_bert, make_vit
 
     if family == "vit":
         return (make_vit(d_model=d, n_heads=h, n_blocks=depth),
                 lambda m, params, x: functional_call(m, params, (), {"pixel_values": x}).logits)
+    if family == "bert":
+        return (make_bert(vocab_size=TEXT_VOCAB, max_len=TEXT_LEN, d_model=d, n_heads=h, n_blocks=depth),
+                lambda m, params, x: functional_call(m, params, (), {"input_ids": x,
+                                                                    "attention_mask": (x != 0).long()}).logits)
     return (PaperTransformer(PaperConfig(d_model=d, n_heads=h, mlp_width=2 * d, n_blocks=depth, classifier_width=d)),
             lambda m, params, x: functional_call(m, params, (x,)))
 
 
 class Task:
-    """One inner problem: a fresh small transformer on MNIST, its canonical weights, Adam moments and head
-    covariances."""
+    """One inner problem: a fresh small transformer on its family's data, its canonical weights, Adam moments and
+    head covariances."""
 
-    def __init__(self, cfg: MetaConfig, data, gen: torch.Generator):
+    def __init__(self, cfg: MetaConfig, data: dict[str, tuple[torch.Tensor, torch.Tensor]], gen: torch.Generator):
         pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
         self.d, self.h, self.depth = pick(cfg.widths), pick(cfg.heads), pick(cfg.depths)
         lo, hi = math.log(cfg.lr_range[0]), math.log(cfg.lr_range[1])
@@ -98,7 +105,7 @@ class Task:
         self.m, self.v = zeros, zeros
         self.head_cov: dict[str, torch.Tensor] = {}
         self.t = 0
-        self.data, self.gen, self.batch_size = data, gen, cfg.batch_size
+        self.data, self.gen, self.batch_size = data[TASK_DATASETS[self.family]], gen, cfg.batch_size
         self.base_direction, self.nesterov = cfg.base_direction, cfg.nesterov
 
     def loss(self, weights: WeightSpace) -> torch.Tensor:
@@ -136,11 +143,16 @@ class Task:
         return WeightSpace(weights.spec, new), loss
 
 
-def _load_train(cfg: MetaConfig):
-    from .data import load_mnist
+def _load_train(cfg: MetaConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``train_subset`` training examples of each dataset the configured families train on."""
+    from .data import load_dataset
 
-    ds = load_mnist()
-    return ds.train_x[: cfg.train_subset], ds.train_y[: cfg.train_subset]
+    options = {"convention_speeches": {"max_len": TEXT_LEN, "vocab_size": TEXT_VOCAB}}
+    data = {}
+    for name in sorted({TASK_DATASETS[f] for f in cfg.families}):
+        ds = load_dataset(name, **options.get(name, {}))
+        data[name] = ds.train_x[: cfg.train_subset], ds.train_y[: cfg.train_subset]
+    return data
 
 
 def meta_train(out: str | os.PathLike, cfg: MetaConfig | None = None, progress: bool = True) -> LearnedUpdate:
@@ -269,7 +281,7 @@ def add_parser(subparsers) -> None:
                    help="Nesterov momentum in the muon base (default on, as in Muon)")
     m.add_argument("--families", default=",".join(MetaConfig.families),
                    help=f"model families of the tasks, comma-separated: {', '.join(TASK_FAMILIES)} (paper: the "
-                   "paper's residual-free transformer; default vit)")
+                   "paper's residual-free transformer; bert: BERTs on convention speeches; default vit)")
     m.add_argument("--lr-range", help="MIN,MAX of the tasks' learning rates, sampled log-uniformly (default 3e-4,3e-3)")
     m.add_argument("--layers", type=int, default=MetaConfig.n_layers, help="equivariant layers of a new learned update")
     m.add_argument("--dense-steps", type=int, default=MetaConfig.dense_steps,

@@ -68,10 +68,30 @@ def test_paper_family_tasks_train_and_keep_the_frozen_positions(tmp_path):
     assert {r["task"].split("-")[0] for r in _log(tmp_path)} == {"vit", "paper"}
 
 
+def test_text_family_tasks_train_a_bert_on_speeches(tmp_path):
+    """``bert`` tasks are BERTs on convention-speech passages: the blocks take the learned step, the token-embedding
+    table the plain Adam step, and a run mixing families logs text tasks among the image ones."""
+    from nfn_plugins.meta_train import TEXT_LEN, Task, _load_train
+
+    cfg = _tiny(families=("bert",))
+    data = _load_train(cfg)
+    assert set(data) == {"convention_speeches"} and data["convention_speeches"][0].shape[1] == TEXT_LEN
+    task = Task(cfg, data, torch.Generator().manual_seed(0))
+    assert task.family == "bert" and not task.frozen
+    table = "bert.embeddings.word_embeddings.weight"
+    weights = task.weights.map(lambda x: x.detach().requires_grad_())
+    new, loss = task.step(None, weights, track=False)
+    assert torch.isfinite(loss)
+    for name in ("q", "down", table):
+        assert not torch.equal(new[name], task.weights[name]), name
+    meta_train(tmp_path, _tiny(families=("vit", "bert"), max_truncations=6, seed=3), progress=False)
+    assert {r["task"].split("-")[0] for r in _log(tmp_path)} == {"vit", "bert"}
+
+
 def test_unknown_task_family_is_refused(tmp_path):
     import pytest
 
     from nfn_plugins.cli import main
 
-    with pytest.raises(SystemExit, match="--families takes a comma-separated subset of vit, paper"):
+    with pytest.raises(SystemExit, match="--families takes a comma-separated subset of vit, paper, bert"):
         main(["optim", "meta-train", "--out", str(tmp_path), "--families", "vit,gpt"])
