@@ -61,7 +61,7 @@ MATRICES = ("q", "k", "v", "o", "up", "gate", "down")  # a block's weight matric
 BASE_DIRECTIONS = ("adam", "muon")
 # the shipped learned update to reach for (the demo's, the README's): one equivariant layer, meta-trained on ViTs
 # and the paper's residual-free transformer; `vit-mnist` (two layers, ViTs only) ships as well
-DEFAULT_LEARNED_UPDATE = "vit-paper-1layer"
+DEFAULT_LEARNED_UPDATE = "vit-paper-bert-1layer"
 MUON_RMS = 0.2  # Muon's step is scaled to this RMS, a typical Adam step's, so that lrs carry over
 HEAD_DAMPING = 1e-2  # added to a head's unit-mean covariance spectrum before the inverse square root
 INPUTS = ("weight", "grad", "momentum", "base_direction")

@@ -1,7 +1,8 @@
 """The shipped NFN weights keep their meaning: outputs on fixed inputs equal those of the code they were
 trained with (tests/data/shipped_outputs.json, in float64): `vit-mnist`'s since it was meta-trained
 anew on the whitened equivariant Adam (2026-11-26, fifth session); the `mnist-paper` predictor's since it
-was retrained with a two-layer head (2026-11-26); `vit-paper-1layer`'s since it shipped (2026-11-27)."""
+was retrained with a two-layer head (2026-11-26); `vit-paper-1layer`'s since it shipped (2026-11-27);
+`vit-paper-bert-1layer`'s since it shipped (2026-11-28)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_shipped_predictor_outputs_are_unchanged(name):
     assert all(_close(a, b) for a, b in zip(pred, GOLDEN[f"predictor/{name}"], strict=True)), pred
 
 
-@pytest.mark.parametrize("update", ["vit-mnist", "vit-paper-1layer"])
+@pytest.mark.parametrize("update", ["vit-mnist", "vit-paper-1layer", "vit-paper-bert-1layer"])
 @pytest.mark.parametrize("name", ["bert", "qwen2", "vit"])
 def test_shipped_learned_update_outputs_are_unchanged(update, name):
     batch = _inputs(name)
