@@ -2,13 +2,14 @@
 
 The zoo benchmark (`predictor.py`) tests on held-out members of the same zoo: same optimizers, learning-rate
 grid and training length. A user's runs differ. Here the paper's zoo transformer is trained on MNIST by 12
-recipes (AdamW, SGD with momentum, RMSprop, the learned NFNOptimizer; learning rates and lengths outside or
-across the zoo's grid), 3 seeds each, its test accuracy measured on 5,000 images, and each predictor reads it
-from the weights. Results: benchmarks/results/predictor_recipes.{json,md} (another stem: --name).
+recipes (AdamW, SGD with momentum, RMSprop, the learned NFNOptimizer with the default update at its validated
+setting; learning rates and lengths outside or across the zoo's grid), 3 seeds each, its test accuracy measured on
+5,000 images, and each predictor reads it from the weights. Results: benchmarks/results/predictor_recipes.{json,md} (another stem: --name).
 
     python benchmarks/predictor_recipes.py [--predictor DIR_OR_NAME --label NAME ...]   # default: mnist-paper
 
-The committed table also reads a predictor with the scale head, trained like the shipped one:
+The committed table reads the shipped predictor; an earlier one (git history) also read a predictor with the scale
+head, trained like the shipped one:
 ``nfn-plugins predictor fit --zoo zoos/mnist-paper --out runs/scale-head --epochs 8 --scale-head-layers 2``.
 """
 
@@ -25,19 +26,19 @@ from _common import git_state, machine_info, write_atomic, write_json_atomic  # 
 
 from nfn_plugins.data import load_mnist  # noqa: E402
 from nfn_plugins.metrics import regression_report  # noqa: E402
-from nfn_plugins.optim import LearnedUpdate, NFNOptimizer  # noqa: E402
+from nfn_plugins.optim import DEFAULT_LEARNED_UPDATE, NFNOptimizer  # noqa: E402
 from nfn_plugins.predictor import AccuracyPredictor  # noqa: E402
 from nfn_plugins.zoo.models import build_model, paper_arch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RECIPES = [("nfn", 1e-3, 300), ("nfn", 1e-3, 1000), ("adamw", 3e-4, 300), ("adamw", 1e-3, 300),
+RECIPES = [("nfn", None, 300), ("nfn", None, 1000), ("adamw", 3e-4, 300), ("adamw", 1e-3, 300),
            ("adamw", 3e-3, 300), ("adamw", 1e-3, 1000), ("sgdm", 0.03, 300), ("sgdm", 0.1, 300),
            ("rmsprop", 1e-3, 300), ("adamw", 1e-2, 300), ("sgdm", 0.01, 100), ("adamw", 1e-4, 100)]
 
 
-def optimizer(kind: str, lr: float, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if kind == "nfn":
-        return NFNOptimizer(model, lr=lr, learned=LearnedUpdate.from_pretrained("vit-mnist"))
+def optimizer(kind: str, lr: float | None, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if kind == "nfn":  # the default update brings its validated base step, lr, horizon and embedding ratio
+        return NFNOptimizer.from_pretrained(DEFAULT_LEARNED_UPDATE, model)
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     if kind == "sgdm":
@@ -62,7 +63,8 @@ def trained_models(data, seeds: int) -> list[tuple[str, torch.nn.Module, float]]
         model.eval()
         with torch.no_grad():
             acc = float((model(data.test_x[:5000]).argmax(-1) == data.test_y[:5000]).float().mean())
-        name = f"{kind} lr {lr:g}, {steps} steps" + (f", seed {seed}" if seeds > 1 else "")
+        lr_text = f"lr {lr:g}" if lr is not None else f"{DEFAULT_LEARNED_UPDATE} at lr {opt.defaults['lr']:g}"
+        name = f"{kind} {lr_text}, {steps} steps" + (f", seed {seed}" if seeds > 1 else "")
         print(f"[recipes] {name}: test accuracy {acc:.3f}", file=sys.stderr, flush=True)
         out.append((name, model, acc))
     return out
