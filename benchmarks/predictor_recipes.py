@@ -4,7 +4,8 @@ The zoo benchmark (`predictor.py`) tests on held-out members of the same zoo: sa
 grid and training length. A user's runs differ. Here the paper's zoo transformer is trained on MNIST by 12
 recipes (AdamW, SGD with momentum, RMSprop, the learned NFNOptimizer with the default update at its validated
 setting; learning rates and lengths outside or across the zoo's grid), 3 seeds each, its test accuracy measured on
-5,000 images, and each predictor reads it from the weights. Results: benchmarks/results/predictor_recipes.{json,md} (another stem: --name).
+5,000 images, and each predictor reads it from the weights. Results: benchmarks/results/predictor_recipes.{json,md}
+(another stem: --name).
 
     python benchmarks/predictor_recipes.py [--predictor DIR_OR_NAME --label NAME ...]   # default: mnist-paper
 

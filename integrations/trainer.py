@@ -18,8 +18,9 @@ class NFNTrainerMixin:
     """Mix into any Trainer subclass: ``create_optimizer`` builds an NFNOptimizer from the model and args.
 
     Set ``nfn_learned`` (a `LearnedUpdate` or the name of a shipped one) before training to use a learned
-    correction (a shipped one brings its validated base step: `DEFAULT_LEARNED_UPDATE`, `vit-paper-bert-1layer`, runs
-    on Muon's); without one the optimizer is the equivariant Adam with the args' lr, betas, eps and decay.
+    correction (a shipped one brings its validated base step: `DEFAULT_LEARNED_UPDATE`,
+    `vit-paper-bert-1layer`, runs on Muon's); without one the optimizer is the equivariant Adam with the args' lr,
+    betas, eps and decay.
     """
 
     nfn_learned: LearnedUpdate | str | None = None

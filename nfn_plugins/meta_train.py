@@ -4,8 +4,8 @@ Tasks: small transformers with random width, heads, depth, learning rate and see
 ``MetaConfig.families``: Hugging Face ViTs (residual, pre-LN) on MNIST; the paper's residual-free zoo transformer on
 MNIST (whose early plateau at the uniform prediction an update meta-trained on ViTs alone can fail to leave);
 Hugging Face BERTs (post-LN, token-embedding tables) on passages of party-convention speeches (text, a corpus the
-benchmark's held-out text tasks do not use). Each task is trained for a random number of steps in truncations of ``unroll``
-steps; after each truncation the learned update takes one meta-gradient step on the mean log training
+benchmark's held-out text tasks do not use). Each task is trained for a random number of steps in truncations of
+``unroll`` steps; after each truncation the learned update takes one meta-gradient step on the mean log training
 loss of that truncation. Past ``dense_steps`` steps into a task only every ``sparse_every``-th truncation
 does; the others only advance the task (no graph, no meta-gradient), so long tasks reach late training,
 where an update meta-trained on short runs stalls, at less cost. Gradients of the task loss are treated

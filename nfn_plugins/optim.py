@@ -59,8 +59,9 @@ logger = logging.getLogger(__name__)
 HEAD_DIM_AXIS = {"q": -1, "k": -1, "v": -1, "o": -2, "q_bias": -1, "k_bias": -1, "v_bias": -1}
 MATRICES = ("q", "k", "v", "o", "up", "gate", "down")  # a block's weight matrices (per head for q, k, v, o)
 BASE_DIRECTIONS = ("adam", "muon")
-# the shipped learned update to reach for (the demo's, the README's): one equivariant layer, meta-trained on ViTs
-# and the paper's residual-free transformer; `vit-mnist` (two layers, ViTs only) ships as well
+# the shipped learned update to reach for (the demo's, the README's): one equivariant layer, meta-trained on ViTs and
+# the paper's residual-free transformer on MNIST and BERTs on text; `vit-paper-1layer` (no text tasks, the default
+# until 2026-11-28) and `vit-mnist` (two layers, ViTs only) ship as well
 DEFAULT_LEARNED_UPDATE = "vit-paper-bert-1layer"
 MUON_RMS = 0.2  # Muon's step is scaled to this RMS, a typical Adam step's, so that lrs carry over
 HEAD_DAMPING = 1e-2  # added to a head's unit-mean covariance spectrum before the inverse square root
