@@ -139,8 +139,8 @@ def adapters_demo(seed: int = 0, steps: int = 300) -> dict:
         results["predicted_acc"] = float(predictor.predict(model))
         print(f"predictor '{shipped[0]}' ({predictor.meta.get('summary', 'trained on a zoo of such models')}):")
         print(f"  predicted test accuracy {results['predicted_acc']:.3f} vs measured {acc:.3f} (no test data used)")
-        print("  (its zoo's members reach at most 0.74 test accuracy; it underestimates better-trained models, like "
-              "this one: benchmarks/results/predictor_recipes.md)")
+        print("  (98% of its zoo's members test below 0.6, none above 0.74: it underestimates better-trained models, "
+              "like this one; benchmarks/results/predictor_recipes.md)")
     else:
         print("no pretrained predictor ships with this build")
     results.update(editor_demo(model, data, seed))
