@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
 
 from nfn_plugins.memory import keep_freed_memory  # noqa: E402
+from nfn_plugins.meta_train import TEXT_LEN, TEXT_VOCAB  # noqa: E402
 from nfn_plugins.optim import BASE_DIRECTIONS, DEFAULT_LEARNED_UPDATE, LearnedUpdate, NFNOptimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,8 +88,8 @@ def _task(name: str, seed: int):
     text_validation = re.fullmatch(VALIDATION[1], name)
     if text_validation:  # a text task for choosing settings, on another corpus than the held-out movie reviews
         d, h, depth = (int(x) for x in text_validation.groups())
-        ds = load_dataset("convention_speeches", max_len=16, vocab_size=2000)
-        model = make_bert(vocab_size=2000, max_len=16, d_model=d, n_heads=h, n_blocks=depth)
+        ds = load_dataset("convention_speeches", max_len=TEXT_LEN, vocab_size=TEXT_VOCAB)  # meta-training's text tasks'
+        model = make_bert(vocab_size=TEXT_VOCAB, max_len=TEXT_LEN, d_model=d, n_heads=h, n_blocks=depth)
         return model, (ds.train_x, ds.train_y), (ds.test_x, ds.test_y), forward
     if name == "movies-bert":
         ds = load_dataset("movie_reviews", max_len=48, vocab_size=2000)

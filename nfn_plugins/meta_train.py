@@ -65,7 +65,7 @@ class MetaConfig:
 
 TASK_DATASETS = {"vit": "mnist", "paper": "mnist", "bert": "convention_speeches"}  # each family's training data
 TASK_FAMILIES = tuple(TASK_DATASETS)
-TEXT_LEN, TEXT_VOCAB = 16, 2000  # the text tasks' passage length and vocabulary (the benchmark's val-text tasks')
+TEXT_LEN, TEXT_VOCAB = 16, 2000  # text tasks' passage length and vocabulary (also the benchmark's val-text tasks)
 
 
 def _make_model(family: str, d: int, h: int, depth: int) -> tuple[nn.Module, Callable]:
