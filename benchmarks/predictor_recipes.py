@@ -7,10 +7,10 @@ setting; learning rates and lengths outside or across the zoo's grid), 3 seeds e
 5,000 images, and each predictor reads it from the weights. Results: benchmarks/results/predictor_recipes.{json,md}
 (another stem: --name).
 
-    python benchmarks/predictor_recipes.py [--predictor DIR_OR_NAME --label NAME ...]   # default: mnist-paper
+    python benchmarks/predictor_recipes.py [--predictor DIR_OR_NAME --label NAME ...]   # default: both shipped
 
-The committed table reads the shipped predictor; an earlier one (git history) also read a predictor with the scale
-head, trained like the shipped one:
+The committed table reads the two shipped paper-family predictors; earlier ones (git history) also read candidates,
+e.g. a predictor with the scale head, trained like the shipped one:
 ``nfn-plugins predictor fit --zoo zoos/mnist-paper --out runs/scale-head --epochs 8 --scale-head-layers 2``.
 """
 
@@ -35,6 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = [("nfn", None, 300), ("nfn", None, 1000), ("adamw", 3e-4, 300), ("adamw", 1e-3, 300),
            ("adamw", 3e-3, 300), ("adamw", 1e-3, 1000), ("sgdm", 0.03, 300), ("sgdm", 0.1, 300),
            ("rmsprop", 1e-3, 300), ("adamw", 1e-2, 300), ("sgdm", 0.01, 100), ("adamw", 1e-4, 100)]
+SHIPPED = ("mnist-paper-long", "mnist-paper")  # the shipped predictors of the paper's model
 
 
 def optimizer(kind: str, lr: float | None, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -74,12 +75,12 @@ def trained_models(data, seeds: int) -> list[tuple[str, torch.nn.Module, float]]
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--predictor", action="append", default=[], help="a predictor directory or shipped name "
-                   "(repeatable; default: mnist-paper)")
+                   f"(repeatable; default: {', '.join(SHIPPED)})")
     p.add_argument("--label", action="append", default=[], help="a name for each --predictor in the table")
     p.add_argument("--seeds", type=int, default=3, help="models per recipe (different initialisation and data order)")
     p.add_argument("--name", default="predictor_recipes", help="results file stem in benchmarks/results/")
     args = p.parse_args(argv)
-    names = args.predictor or ["mnist-paper"]
+    names = args.predictor or list(SHIPPED)
     labels = args.label or names
     if len(labels) != len(names):
         p.error(f"{len(labels)} --label for {len(names)} --predictor")

@@ -9,7 +9,7 @@ in through ``on_prediction``; with Optuna, for example::
         trial.report(accuracy, step)
         return trial.should_prune()          # True stops the run
 
-    PredictedAccuracyCallback("mnist-paper", every_n_steps=200, on_prediction=report).attach(trainer)
+    PredictedAccuracyCallback("mnist-paper-long", every_n_steps=200, on_prediction=report).attach(trainer)
 
 `attach` puts the callback first, so that the reporting integrations (TensorBoard, W&B, ...), which the
 Trainer places before user callbacks, receive ``predicted_accuracy`` in their logs;

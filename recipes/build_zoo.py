@@ -13,6 +13,7 @@
 | mnist-vit    | MNIST                 | ViTForImageClassification, D 16-64, 2/4 heads, 1-3 blocks | 768 x 4 = 3,072 |
 | movies-bert  | Rotten Tomatoes text  | BertForSequenceClassification, same grid  | 768 x 4 = 3,072      |
 | mnist-paper-1k | MNIST               | mnist-paper's members and 608 more        | 1,024 x 5 = 5,120    |
+| mnist-paper-long | MNIST             | mnist-paper's members 0-255, 3x longer    | 256 x 5 = 1,280      |
 
 The configurations are the presets in ``nfn_plugins/zoo/presets.py`` (hyperparameter grid of the paper:
 optimizer Adam / RMSprop / SGD / SGD+momentum, learning rate, init std, weight decay, train fraction,
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ZOOS = ("mnist-paper", "movies-paper", "mnist-vit", "movies-bert", "mnist-paper-1k")
+ZOOS = ("mnist-paper", "movies-paper", "mnist-vit", "movies-bert", "mnist-paper-1k", "mnist-paper-long")
 
 
 def _git_commit() -> str | None:

@@ -227,19 +227,41 @@ def test_text_zoo_and_sharding_by_rank(tmp_path):
     assert again["members_trained"] == 0 and again["zoo_checkpoints"] == 10
 
 
-def test_grown_preset_has_the_smaller_zoos_members():
-    """mnist-paper-1k is mnist-paper plus more members: a member is fixed by the seed and its id alone, and
-    everything but the member count is the same configuration."""
+@pytest.mark.parametrize("name, differs", [("mnist-paper-1k", ("n_members",)),
+                                           ("mnist-paper-long", ("n_members", "checkpoint_epochs"))])
+def test_derived_preset_has_mnist_papers_members(name, differs):
+    """mnist-paper-1k is mnist-paper plus more members, mnist-paper-long its first 256 trained longer: a member is
+    fixed by the seed and its id alone, and everything else is the same configuration."""
     from nfn_plugins.zoo.presets import preset
 
-    small, grown = preset("mnist-paper"), preset("mnist-paper-1k")
-    assert grown.n_members > small.n_members
-    same = {k: v for k, v in vars(grown).items() if k not in ("name", "n_members")}
-    assert same == {k: v for k, v in vars(small).items() if k not in ("name", "n_members")}
+    base, derived = preset("mnist-paper"), preset(name)
+    ignore = ("name", *differs)
+    assert {k: v for k, v in vars(derived).items() if k not in ignore} == {
+        k: v for k, v in vars(base).items() if k not in ignore}
     data = synthetic_images()
-    a, b = plan_members(small, data), plan_members(grown, data)
-    assert [(m.id, m.arch, m.hparams) for m in a] == [(m.id, m.arch, m.hparams) for m in b[: len(a)]]
-    assert len({repr(m.hparams) for m in b}) > len(a)  # the new members are new draws
+    a, b = plan_members(base, data), plan_members(derived, data)
+    n = min(len(a), len(b))
+    assert [(m.id, m.arch, m.hparams) for m in a[:n]] == [(m.id, m.arch, m.hparams) for m in b[:n]]
+    assert len({repr(m.hparams) for m in b}) > 1
+
+
+def test_checkpoint_epochs_do_not_change_a_members_training(tmp_path):
+    """Training longer only appends checkpoints: epoch 2 of a [1, 2] zoo is bit-identical to epoch 2 of a
+    [2, 3] zoo (what lets mnist-paper-long's epoch 16 stand beside mnist-paper's)."""
+    data = synthetic_images()
+    short = build_zoo(small_cfg(checkpoint_epochs=[1, 2]), tmp_path / "short", data=data, progress=False)
+    long = build_zoo(small_cfg(checkpoint_epochs=[2, 3]), tmp_path / "long", data=data, progress=False)
+    assert short["zoo_checkpoints"] == long["zoo_checkpoints"] == 12
+    ws_short, rec_short = load_zoo(tmp_path / "short")
+    ws_long, rec_long = load_zoo(tmp_path / "long")
+    row = {(r["member"], r["epoch"]): i for i, r in enumerate(rec_long)}
+    for i, r in enumerate(rec_short):
+        if r["epoch"] == 2:
+            j = row[(r["member"], 2)]
+            assert all(torch.equal(t[i], ws_long[name][j]) for name, t in ws_short.items()), r["member"]
+            assert r["test_acc"] == rec_long[j]["test_acc"]
+            # and epoch 3 trained on from there
+            assert not torch.equal(ws_long["q"][j], ws_long["q"][row[(r["member"], 3)]])
 
 
 # -- bad input --------------------------------------------------------------------------------------
