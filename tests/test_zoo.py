@@ -242,7 +242,8 @@ def test_derived_preset_has_mnist_papers_members(name, differs):
     a, b = plan_members(base, data), plan_members(derived, data)
     n = min(len(a), len(b))
     assert [(m.id, m.arch, m.hparams) for m in a[:n]] == [(m.id, m.arch, m.hparams) for m in b[:n]]
-    assert len({repr(m.hparams) for m in b}) > 1
+    if len(b) > len(a):  # the new members are new draws
+        assert len({repr(m.hparams) for m in b}) > len(a)
 
 
 def test_checkpoint_epochs_do_not_change_a_members_training(tmp_path):
@@ -255,13 +256,14 @@ def test_checkpoint_epochs_do_not_change_a_members_training(tmp_path):
     ws_short, rec_short = load_zoo(tmp_path / "short")
     ws_long, rec_long = load_zoo(tmp_path / "long")
     row = {(r["member"], r["epoch"]): i for i, r in enumerate(rec_long)}
-    for i, r in enumerate(rec_short):
-        if r["epoch"] == 2:
-            j = row[(r["member"], 2)]
-            assert all(torch.equal(t[i], ws_long[name][j]) for name, t in ws_short.items()), r["member"]
-            assert r["test_acc"] == rec_long[j]["test_acc"]
-            # and epoch 3 trained on from there
-            assert not torch.equal(ws_long["q"][j], ws_long["q"][row[(r["member"], 3)]])
+    epoch_2 = [(i, r) for i, r in enumerate(rec_short) if r["epoch"] == 2]
+    assert len(epoch_2) == 6
+    for i, r in epoch_2:
+        j = row[(r["member"], 2)]
+        assert all(torch.equal(t[i], ws_long[name][j]) for name, t in ws_short.items()), r["member"]
+        assert r["test_acc"] == rec_long[j]["test_acc"]
+        # and epoch 3 trained on from there
+        assert not torch.equal(ws_long["q"][j], ws_long["q"][row[(r["member"], 3)]])
 
 
 # -- bad input --------------------------------------------------------------------------------------

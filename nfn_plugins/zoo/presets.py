@@ -63,7 +63,7 @@ PRESETS: dict[str, ZooConfig] = {
     # the same members 0-415 and 608 more (a member is fixed by seed and id): the predictor's learning curve
     "mnist-paper-1k": _paper_zoo("mnist-paper-1k", "mnist", n_members=1024),
     # members 0-255 of mnist-paper trained 3x longer (48 epochs = 57,600 samples, about one MNIST pass), closer to
-    # the paper's zoo, whose members train to convergence; epoch 16 is mnist-paper's last checkpoint
+    # the paper's zoo, whose members train for 100 passes; epoch 16 is mnist-paper's last checkpoint
     "mnist-paper-long": _paper_zoo("mnist-paper-long", "mnist", n_members=256, checkpoint_epochs=(1, 4, 16, 32, 48)),
     # the paper's model on movie-review sentiment; same budget
     "movies-paper": _paper_zoo("movies-paper", "movie_reviews", dataset_kwargs=MOVIE_TEXT),
