@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_state, machine_info, write_atomic, write_json_atomic  # noqa: E402
+from _common import git_state, machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
 
 from nfn_plugins.data import load_mnist  # noqa: E402
 from nfn_plugins.metrics import regression_report  # noqa: E402
@@ -96,9 +96,10 @@ def main(argv=None) -> int:
     rows = [{"recipe": r, "measured": acc} for r, _, acc in models]
     write_json_atomic(RESULTS / f"{args.name}.json", {"machine": machine_info(), "git": git_state(
         Path(__file__).parent.parent), "recipes": rows, "predictors": results})
+    plot(rows, results, RESULTS / f"{args.name}.png")
     lines = ["# Accuracy predictors on models trained by recipes outside the zoo", "",
              f"The paper's zoo transformer on MNIST, {args.seeds} model(s) per recipe (batch 64), test accuracy on "
-             "5,000 images.",
+             "5,000 images.", "", f"![predicted vs measured]({args.name}.png)",
              "", "| predictor | Kendall tau | R2 | L1 |", "|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['kendall_tau']:.3f} | {r['r2']:.3f} | {r['l1']:.4f} |" for r in results]
     lines += ["", "| recipe | measured | " + " | ".join(r["label"] for r in results) + " |",
@@ -109,6 +110,28 @@ def main(argv=None) -> int:
     write_atomic(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def plot(rows: list[dict], results: list[dict], path: Path) -> None:
+    """Predicted vs measured accuracy, one panel per predictor, one colour per optimizer of the recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["recipe"].split()[0] for r in rows})
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for kind in kinds:
+            idx = [i for i, r in enumerate(rows) if r["recipe"].split()[0] == kind]
+            ax.scatter([rows[i]["measured"] for i in idx], [res["predicted"][i] for i in idx], s=18, label=kind)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="measured test accuracy", ylabel="predicted",
+               title=f"{res['label']}: tau {res['kendall_tau']:.2f}, L1 {res['l1']:.3f}")
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    save_figure_atomic(fig, path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

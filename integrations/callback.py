@@ -11,6 +11,10 @@ in through ``on_prediction``; with Optuna, for example::
 
     PredictedAccuracyCallback("mnist-paper-long", every_n_steps=200, on_prediction=report).attach(trainer)
 
+The predictor reads a run well only if the run resembles its zoo's members: on the paper's model trained by the
+learned optimizer the shipped predictors level off while the model still improves, so ``patience`` would stop it
+early (benchmarks/results/predictor_tracking.md); for such runs stop on evaluation and log the prediction.
+
 `attach` puts the callback first, so that the reporting integrations (TensorBoard, W&B, ...), which the
 Trainer places before user callbacks, receive ``predicted_accuracy`` in their logs;
 ``trainer.add_callback(cb)`` works too, but then only ``trainer.state.log_history`` has the values.
