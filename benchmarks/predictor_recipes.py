@@ -56,9 +56,8 @@ def trained_models(data, seeds: int) -> list[tuple[str, torch.nn.Module, float]]
         model = build_model(paper_arch())
         opt = optimizer(kind, lr, model)
         gen = torch.Generator().manual_seed(i)
-        for _ in range(steps):
-            idx = torch.randint(len(data.train_y), (64,), generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+        for x, y in data.train_batches(steps, 64, gen):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -40,9 +40,8 @@ def track(kind: str, lr: float | None, seed: int, data, predictors: dict, steps:
     gen = torch.Generator().manual_seed(seed)
     run = {"recipe": f"{kind}" + (f" lr {lr:g}" if lr is not None else ""), "seed": seed, "steps": [],
            "measured": [], **{f"predicted/{n}": [] for n in predictors}}
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(data.train_y), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+    for step, (x, y) in enumerate(data.train_batches(steps, 64, gen), 1):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -64,6 +64,13 @@ class Dataset:
     vocab: "Vocab | None" = None
     classes: tuple[str, ...] = field(default=())
 
+    def train_batches(self, steps: int, batch_size: int, generator: torch.Generator):
+        """``steps`` random training batches (x, y), indices drawn with replacement from ``generator``: the
+        stream the demo and the predictor benchmarks train on, reproducible from the generator's seed."""
+        for _ in range(steps):
+            idx = torch.randint(len(self.train_y), (batch_size,), generator=generator)
+            yield self.train_x[idx], self.train_y[idx]
+
     def __repr__(self) -> str:
         val = f", val={tuple(self.val_x.shape)}" if self.val_x is not None else ""
         voc = f", vocab={len(self.vocab)}" if self.vocab is not None else ""

@@ -122,9 +122,8 @@ def adapters_demo(seed: int = 0, steps: int = 300) -> dict:
           f"under the learned rule")
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(data.train_y), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+    for step, (x, y) in enumerate(data.train_batches(steps, 64, gen), 1):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

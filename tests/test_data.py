@@ -123,6 +123,19 @@ def test_fashion_mnist_missing_names_the_apt_command(tmp_path):
         D.load_fashion_mnist(root=tmp_path)
 
 
+def test_train_batches_are_reproducible_random_draws():
+    """The demo's and the predictor benchmarks' training stream: same generator seed, same batches."""
+    data = D.Dataset("toy", "image", 3, torch.arange(40.0).view(40, 1), torch.arange(40) % 3,
+                     torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+    first = list(data.train_batches(5, 8, torch.Generator().manual_seed(0)))
+    again = list(data.train_batches(5, 8, torch.Generator().manual_seed(0)))
+    other = list(data.train_batches(5, 8, torch.Generator().manual_seed(1)))
+    assert len(first) == 5 and all(x.shape == (8, 1) and y.shape == (8,) for x, y in first)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
+    assert all(torch.equal(y, x[:, 0].long() % 3) for x, y in first)  # rows stay paired with their labels
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         D.load_dataset("cifar")
