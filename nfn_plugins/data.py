@@ -30,7 +30,7 @@ import os
 import pickle
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +64,8 @@ class Dataset:
     vocab: "Vocab | None" = None
     classes: tuple[str, ...] = field(default=())
 
-    def train_batches(self, steps: int, batch_size: int, generator: torch.Generator):
+    def train_batches(self, steps: int, batch_size: int,
+                      generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``steps`` random training batches (x, y), indices drawn with replacement from ``generator``: the
         stream the demo and the predictor benchmarks train on, reproducible from the generator's seed."""
         for _ in range(steps):
