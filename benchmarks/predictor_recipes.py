@@ -48,6 +48,12 @@ def optimizer(kind: str, lr: float | None, model: torch.nn.Module) -> torch.opti
     return torch.optim.RMSprop(model.parameters(), lr=lr)
 
 
+def test_accuracy(model: torch.nn.Module, data, n: int) -> float:
+    """Accuracy on the first ``n`` test images (the caller sets the model's mode)."""
+    with torch.no_grad():
+        return float((model(data.test_x[:n]).argmax(-1) == data.test_y[:n]).float().mean())
+
+
 def trained_models(data, seeds: int) -> list[tuple[str, torch.nn.Module, float]]:
     """(recipe, model, measured test accuracy) for every recipe and seed (batch 64)."""
     out = []
@@ -62,8 +68,7 @@ def trained_models(data, seeds: int) -> list[tuple[str, torch.nn.Module, float]]
             loss.backward()
             opt.step()
         model.eval()
-        with torch.no_grad():
-            acc = float((model(data.test_x[:5000]).argmax(-1) == data.test_y[:5000]).float().mean())
+        acc = test_accuracy(model, data, 5000)
         lr_text = f"lr {lr:g}" if lr is not None else f"{DEFAULT_LEARNED_UPDATE} at lr {opt.defaults['lr']:g}"
         name = f"{kind} {lr_text}, {steps} steps" + (f", seed {seed}" if seeds > 1 else "")
         print(f"[recipes] {name}: test accuracy {acc:.3f}", file=sys.stderr, flush=True)

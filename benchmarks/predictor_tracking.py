@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import git_state, machine_info, save_figure_atomic, write_atomic, write_json_atomic  # noqa: E402
-from predictor_recipes import SHIPPED, optimizer  # noqa: E402
+from predictor_recipes import SHIPPED, optimizer, test_accuracy  # noqa: E402
 
 from nfn_plugins.data import load_mnist  # noqa: E402
 from nfn_plugins.metrics import kendall_tau  # noqa: E402
@@ -38,7 +38,7 @@ def track(kind: str, lr: float | None, seed: int, data, predictors: dict, steps:
     model = build_model(paper_arch())
     opt = optimizer(kind, lr, model)
     gen = torch.Generator().manual_seed(seed)
-    run = {"recipe": f"{kind}" + (f" lr {lr:g}" if lr is not None else ""), "seed": seed, "steps": [],
+    run = {"recipe": kind + (f" lr {lr:g}" if lr is not None else ""), "seed": seed, "steps": [],
            "measured": [], **{f"predicted/{n}": [] for n in predictors}}
     for step, (x, y) in enumerate(data.train_batches(steps, 64, gen), 1):
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -47,10 +47,9 @@ def track(kind: str, lr: float | None, seed: int, data, predictors: dict, steps:
         opt.step()
         if step % every == 0:
             model.eval()
+            run["steps"].append(step)
+            run["measured"].append(test_accuracy(model, data, 2000))
             with torch.no_grad():
-                acc = float((model(data.test_x[:2000]).argmax(-1) == data.test_y[:2000]).float().mean())
-                run["steps"].append(step)
-                run["measured"].append(acc)
                 for n, p in predictors.items():
                     run[f"predicted/{n}"].append(float(p.predict(model)))
             model.train()
