@@ -14,6 +14,7 @@
 | movies-bert  | Rotten Tomatoes text  | BertForSequenceClassification, same grid  | 768 x 4 = 3,072      |
 | mnist-paper-1k | MNIST               | mnist-paper's members and 608 more        | 1,024 x 5 = 5,120    |
 | mnist-paper-long | MNIST             | mnist-paper's members 0-255, 3x longer    | 256 x 5 = 1,280      |
+| mnist-paper-recipes | MNIST          | the paper's model, user-like recipes incl. the learned optimizer, batch 64 | 160 x 3 = 480 |
 
 The configurations are the presets in ``nfn_plugins/zoo/presets.py`` (hyperparameter grid of the paper:
 optimizer Adam / RMSprop / SGD / SGD+momentum, learning rate, init std, weight decay, train fraction,
@@ -33,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-ZOOS = ("mnist-paper", "movies-paper", "mnist-vit", "movies-bert", "mnist-paper-1k", "mnist-paper-long")
+ZOOS = ("mnist-paper", "movies-paper", "mnist-vit", "movies-bert", "mnist-paper-1k", "mnist-paper-long",
+        "mnist-paper-recipes")
 
 
 def _git_commit() -> str | None:

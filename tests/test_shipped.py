@@ -2,7 +2,8 @@
 trained with (tests/data/shipped_outputs.json, in float64): `vit-mnist`'s since it was meta-trained
 anew on the whitened equivariant Adam (2026-11-26, fifth session); the `mnist-paper` predictor's since it
 was retrained with a two-layer head (2026-11-26); `vit-paper-1layer`'s since it shipped (2026-11-27);
-`vit-paper-bert-1layer`'s and the `mnist-paper-long` predictor's since they shipped (2026-11-28)."""
+`vit-paper-bert-1layer`'s and the `mnist-paper-long` predictor's since they shipped (2026-11-28); the
+`mnist-paper-recipes` predictor's since it shipped (2026-11-28, twenty-fifth session)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-10 * max(abs(b), 1e-12)
 
 
-@pytest.mark.parametrize("predictor", ["mnist-paper", "mnist-paper-long"])
+@pytest.mark.parametrize("predictor", ["mnist-paper", "mnist-paper-long", "mnist-paper-recipes"])
 @pytest.mark.parametrize("name", ["bert", "qwen2", "vit"])
 def test_shipped_predictor_outputs_are_unchanged(predictor, name):
     pred = AccuracyPredictor.from_pretrained(predictor).double().predict(_inputs(name)).tolist()
@@ -56,7 +57,7 @@ def test_shipped_vit_predictor_reads_a_vit_of_an_unseen_width_invariantly():
     from nfn_plugins.group import SymmetryGroup
     from nfn_plugins.zoo.models import make_vit
 
-    assert {"mnist-paper", "mnist-paper-long", "mnist-vit"} <= set(AccuracyPredictor.available())
+    assert {"mnist-paper", "mnist-paper-long", "mnist-paper-recipes", "mnist-vit"} <= set(AccuracyPredictor.available())
     torch.manual_seed(0)
     ws = extract_weights(make_vit(d_model=40, n_heads=4, n_blocks=2)).double()  # the zoo has widths 16-64 by 16
     predictor = AccuracyPredictor.from_pretrained("mnist-vit").double()

@@ -146,6 +146,51 @@ def test_batched_training_matches_one_by_one_torch_optim():
 def test_stacked_optimizer_rejects_unknown():
     with pytest.raises(ZooError, match="unknown optimizer.*lion"):
         StackedOptimizer(["adam", "lion"], [torch.zeros(2, 3)], torch.ones(2), torch.zeros(2))
+    with pytest.raises(ZooError, match="'nfn'.*one member at a time"):
+        StackedOptimizer(["adam", "nfn"], [torch.zeros(2, 3)], torch.ones(2), torch.zeros(2))
+
+
+def test_learned_optimizer_members_train_one_by_one(tmp_path):
+    """Members of the "nfn" optimizer (the package's NFNOptimizer) get batches and shards of their own, and each
+    shard row holds that member's weights and metrics at that checkpoint; the stacked members beside them train
+    as they would without them."""
+    data = synthetic_images()
+    grid = HyperGrid(optimizer=["adam", "nfn"], lr={"adam": [1e-3], "nfn": [1e-2]}, dropout=[0.0])
+    cfg = small_cfg(grid=grid, n_members=6, members_per_batch=8)
+    members = plan_members(cfg, data)
+    kinds = [m.hparams["optimizer"] for m in members]
+    assert set(kinds) == {"adam", "nfn"}
+    build_zoo(cfg, tmp_path / "z", progress=False, data=data, rank=0, world_size=1)
+    zoo = Zoo.open(tmp_path / "z")
+    shards = {r["shard"] for r in zoo.records if r["optimizer"] == "nfn"}
+    assert shards.isdisjoint(r["shard"] for r in zoo.records if r["optimizer"] == "adam")
+    task = TaskData(data, cfg)
+    stacked = BatchTrainer(cfg, task, [m for m in members if m.hparams["optimizer"] == "adam"]).run()
+    adam_ids = [m.id for m in members if m.hparams["optimizer"] == "adam"]
+    for m in members:
+        ref = train_one_by_one(cfg, task, m) if m.hparams["optimizer"] == "nfn" else None
+        for c, epoch in enumerate(cfg.checkpoint_epochs):
+            one = zoo.filter(epoch=epoch, finite=None, where=lambda r: r["member"] == m.id)
+            (record,) = one.records
+            assert record["step"] == epoch * cfg.steps_per_epoch
+            stored = one.weights()
+            if ref is not None:
+                assert record["test_acc"] == pytest.approx(ref[c]["test_acc"])
+                expected = extract_zoo_weights(_with_weights(build_model(m.arch), ref[c]["weights"]))
+            else:
+                j = adam_ids.index(m.id)
+                assert record["test_acc"] == pytest.approx(stacked[c].metrics[j]["test_acc"])
+                expected = extract_zoo_weights(_with_weights(build_model(m.arch),
+                                                             {n: w[j] for n, w in stacked[c].params.items()}))
+            for name in expected.spec.names:
+                torch.testing.assert_close(stored[name].reshape(expected[name].shape), expected[name])
+
+
+def _with_weights(model: torch.nn.Module, weights: dict) -> torch.nn.Module:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(weights[n])
+    return model
 
 
 @pytest.mark.parametrize("family", ["vit", "bert"])

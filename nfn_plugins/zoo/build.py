@@ -20,6 +20,9 @@ How a zoo is built (`build_zoo`):
   shard is either complete or absent. Finished members are read back from the shards on every start:
   rerunning after a kill only trains the members that are missing. At the end ``manifest.json`` (finished
   members -> shard) and ``metadata.jsonl`` (one line per checkpoint) are rewritten from the shards.
+- Members of the optimizer "nfn" (the package's learned optimizer, `NFNOptimizer` with the default learned
+  update, which needs the model and cannot be vmapped) train one by one, in batches of their own; their shards
+  and records are like the others'. A zoo with them covers models trained the way the package trains them.
 - Under ``accelerate launch`` process ``rank`` takes the members with ``i % world_size == rank``.
 """
 
@@ -35,7 +38,7 @@ import struct
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +51,9 @@ from ..weight_space import WeightSpace
 from .family import zoo_binding
 from .models import BERT, PAPER, VIT, arch_key, build_model, init_weights, prepare_inputs
 
-OPTIMIZERS = ("adam", "rmsprop", "sgd", "sgd_momentum")
+STACKED_OPTIMIZERS = ("adam", "rmsprop", "sgd", "sgd_momentum")  # the paper's grid; trained batched
+SEQUENTIAL_OPTIMIZERS = ("nfn",)  # trained one member at a time (see the module docstring)
+OPTIMIZERS = STACKED_OPTIMIZERS + SEQUENTIAL_OPTIMIZERS
 SHARD_FORMAT = "nfn-plugins-zoo-shard/1"
 _DATASET_FOR = {"image": ("mnist", "fashion_mnist"), "text": ("movie_reviews", "ag_news")}
 
@@ -77,7 +82,7 @@ class HyperGrid:
     train fraction 1 / 0.9 / 0.8 / 0.7, dropout 0 ... 0.2.
     """
 
-    optimizer: list[str] = field(default_factory=lambda: list(OPTIMIZERS))
+    optimizer: list[str] = field(default_factory=lambda: list(STACKED_OPTIMIZERS))
     lr: dict[str, list[float]] = field(
         default_factory=lambda: {
             "adam": [3e-4, 6e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2],
@@ -270,12 +275,16 @@ class StackedOptimizer:
         unknown = sorted({k for k in kinds if k not in OPTIMIZERS})
         if unknown:
             raise ZooError(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
+        sequential = sorted({k for k in kinds if k in SEQUENTIAL_OPTIMIZERS})
+        if sequential:
+            raise ZooError(f"optimizer(s) {sequential} need the model and train one member at a time "
+                           f"(SequentialTrainer); stacked optimizers: {', '.join(STACKED_OPTIMIZERS)}")
         if len(kinds) != n or len(weight_decay) != n:
             raise ValueError(f"{len(kinds)} optimizer kinds, {n} learning rates, {len(weight_decay)} weight decays")
         self.params = params
         self.t = 0
         self.groups = []  # (kind, member index, lr [m], wd [m], per-parameter state)
-        for kind in OPTIMIZERS:
+        for kind in STACKED_OPTIMIZERS:
             idx = torch.tensor([j for j, k in enumerate(kinds) if k == kind], dtype=torch.long)
             if len(idx):
                 self.groups.append((kind, idx, lr[idx], weight_decay[idx], [{} for _ in params]))
@@ -321,9 +330,15 @@ class StackedOptimizer:
                     p.index_add_(0, idx, delta, alpha=-1)
 
 
-def torch_optimizer(kind: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The ``torch.optim`` optimizer `StackedOptimizer` reproduces (for one-by-one training)."""
-    params = list(params)
+def torch_optimizer(kind: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer `StackedOptimizer` reproduces, or for "nfn" the package's learned optimizer
+    (the default learned update at its validated correction horizon; decoupled weight decay), for one-by-one
+    training."""
+    if kind == "nfn":
+        from ..optim import DEFAULT_LEARNED_UPDATE, NFNOptimizer
+
+        return NFNOptimizer.from_pretrained(DEFAULT_LEARNED_UPDATE, model, lr=lr, weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if kind == "rmsprop":
@@ -495,18 +510,9 @@ class BatchTrainer:
         test_acc, test_loss = self._evaluate_shared(x_test, self.task.test_y)
         train_acc, train_loss = self._evaluate_own()
         params = {k: v.detach().clone() for k, v in self.params.items()}
-        metrics = []
-        for j in range(len(self.members)):
-            finite = all(bool(torch.isfinite(v[j]).all()) for v in params.values()) and math.isfinite(float(test_loss[j]))
-            metrics.append(
-                {
-                    "test_acc": float(test_acc[j]),
-                    "test_loss": float(test_loss[j]) if math.isfinite(float(test_loss[j])) else None,
-                    "train_acc": float(train_acc[j]),
-                    "train_loss": float(train_loss[j]) if math.isfinite(float(train_loss[j])) else None,
-                    "finite": finite,
-                }
-            )
+        metrics = [_metrics(test_acc[j], test_loss[j], train_acc[j], train_loss[j],
+                            all(bool(torch.isfinite(v[j]).all()) for v in params.values()))
+                   for j in range(len(self.members))]
         return _Snapshot(epoch, self.step_count, params, metrics)
 
     def run(self, on_checkpoint: Callable[[int], None] | None = None) -> list[_Snapshot]:
@@ -523,16 +529,55 @@ class BatchTrainer:
         return snaps
 
     def weight_spaces(self, params: dict[str, torch.Tensor]) -> WeightSpace:
-        """Stacked canonical weight spaces ``[M, ...]`` of the members (via the core's `bind`)."""
-        binding = zoo_binding(self.template)
-        spaces = []
-        named = dict(self.template.named_parameters())
-        with torch.no_grad():
-            for j in range(len(self.members)):
-                for n, p in named.items():
-                    p.copy_(params[n][j])
-                spaces.append(binding.read())
-        return WeightSpace.stack(spaces)
+        return stacked_weight_spaces(self.template, params, len(self.members))
+
+
+class SequentialTrainer:
+    """Trains a batch of members one at a time (`SEQUENTIAL_OPTIMIZERS`: optimizers that need the model) with
+    `train_one_by_one`, and returns the snapshots `BatchTrainer` would: the same shards and records."""
+
+    def __init__(self, cfg: ZooConfig, task: TaskData, members: Sequence[Member]):
+        self.cfg, self.task, self.members = cfg, task, list(members)
+        self.template = _fresh_model(cfg, self.members[0])
+
+    def run(self, on_checkpoint: Callable[[int], None] | None = None) -> list[_Snapshot]:
+        runs = []
+        for member in self.members:
+            runs.append(train_one_by_one(self.cfg, self.task, member))
+            if on_checkpoint:
+                on_checkpoint(len(runs[-1]))
+        snaps = []
+        for c, epoch in enumerate(sorted(self.cfg.checkpoint_epochs)):
+            params = {n: torch.stack([run[c]["weights"][n] for run in runs]) for n in runs[0][c]["weights"]}
+            metrics = [_metrics(run[c]["test_acc"], run[c]["test_loss"], run[c]["train_acc"], run[c]["train_loss"],
+                                all(bool(torch.isfinite(w).all()) for w in run[c]["weights"].values()))
+                       for run in runs]
+            snaps.append(_Snapshot(epoch, epoch * self.cfg.steps_per_epoch, params, metrics))
+        return snaps
+
+    def weight_spaces(self, params: dict[str, torch.Tensor]) -> WeightSpace:
+        return stacked_weight_spaces(self.template, params, len(self.members))
+
+
+def _metrics(test_acc, test_loss, train_acc, train_loss, weights_finite: bool) -> dict:
+    """A checkpoint's record of metrics; a non-finite loss is stored as None and marks it not finite."""
+    test_loss, train_loss = float(test_loss), float(train_loss)
+    return {"test_acc": float(test_acc), "test_loss": test_loss if math.isfinite(test_loss) else None,
+            "train_acc": float(train_acc), "train_loss": train_loss if math.isfinite(train_loss) else None,
+            "finite": weights_finite and math.isfinite(test_loss)}
+
+
+def stacked_weight_spaces(template: nn.Module, params: dict[str, torch.Tensor], n_members: int) -> WeightSpace:
+    """Stacked canonical weight spaces ``[M, ...]`` of stacked parameters (via the core's `bind`)."""
+    binding = zoo_binding(template)
+    spaces = []
+    named = dict(template.named_parameters())
+    with torch.no_grad():
+        for j in range(n_members):
+            for n, p in named.items():
+                p.copy_(params[n][j])
+            spaces.append(binding.read())
+    return WeightSpace.stack(spaces)
 
 
 def train_one_by_one(cfg: ZooConfig, task: TaskData, member: Member, threads: int | None = None) -> list[dict]:
@@ -540,8 +585,7 @@ def train_one_by_one(cfg: ZooConfig, task: TaskData, member: Member, threads: in
     batched member (for the throughput benchmark and to check the batched trainer). Returns the metrics
     at each checkpoint epoch."""
     model = _fresh_model(cfg, member)
-    opt = torch_optimizer(member.hparams["optimizer"], [p for p in model.parameters() if p.requires_grad],
-                          member.hparams["lr"], member.hparams["weight_decay"])
+    opt = torch_optimizer(member.hparams["optimizer"], model, member.hparams["lr"], member.hparams["weight_decay"])
     subset = task.member_subset(cfg, member)
     sampler = _BatchSampler(cfg, [member], [subset])
     x_train, x_test = task.inputs(member.arch)
@@ -734,7 +778,8 @@ def _check_config(root: Path, cfg: ZooConfig) -> None:
 def _batches(members: list[Member], size: int) -> list[list[Member]]:
     groups: dict[tuple, list[Member]] = {}
     for m in sorted(members, key=lambda m: m.id):
-        groups.setdefault(m.group_key(), []).append(m)
+        sequential = ("sequential",) if m.hparams["optimizer"] in SEQUENTIAL_OPTIMIZERS else ()
+        groups.setdefault(m.group_key() + sequential, []).append(m)
     out = []
     for key in sorted(groups, key=str):
         ms = groups[key]
@@ -852,7 +897,8 @@ def build_zoo(
                disable=not progress, position=rank, dynamic_ncols=True)
     try:
         for batch in _batches(todo, cfg.members_per_batch):
-            trainer = BatchTrainer(cfg, task, batch)
+            sequential = batch[0].hparams["optimizer"] in SEQUENTIAL_OPTIMIZERS  # a batch is all or none
+            trainer = (SequentialTrainer if sequential else BatchTrainer)(cfg, task, batch)
             snaps = trainer.run(on_checkpoint=bar.update)
             spaces = [trainer.weight_spaces(s.params) for s in snaps]  # [C] x [M, ...]
             # rows ordered member-major: member j, checkpoint c -> row j * C + c

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from .build import OPTIMIZERS
+
 
 def _ints(s: str) -> list[int]:
     try:
@@ -40,7 +42,10 @@ def add_parser(subparsers) -> None:
     b.add_argument("--epochs", type=_ints, help="checkpoint epochs, e.g. 1,2,4")
     b.add_argument("--steps-per-epoch", type=int)
     b.add_argument("--batch-size", type=int)
-    b.add_argument("--optimizers", type=_names, help="optimizer grid, e.g. adam,sgd (from adam, rmsprop, sgd, sgd_momentum)")
+    b.add_argument("--optimizers", type=_names,
+                   help=f"optimizer grid, e.g. adam,sgd (from {', '.join(OPTIMIZERS)}; the config's grid must give "
+                        "each its learning rates: the paper's has none for nfn, the learned optimizer, which the "
+                        "mnist-paper-recipes preset has)")
     b.add_argument("--members-per-batch", type=int, help="members trained together (vmap batch)")
     b.add_argument("--eval-test-size", type=int)
     b.add_argument("--seed", type=int)
