@@ -291,6 +291,16 @@ def test_derived_preset_has_mnist_papers_members(name, differs):
         assert len({repr(m.hparams) for m in b}) > len(a)
 
 
+def test_every_preset_validates_and_the_recipes_zoo_uses_the_learned_optimizer():
+    from nfn_plugins.zoo.presets import PRESETS, preset
+
+    for name in PRESETS:
+        preset(name).validate()
+    members = plan_members(preset("mnist-paper-recipes"), synthetic_images())
+    learned = [m for m in members if m.hparams["optimizer"] == "nfn"]
+    assert 0 < len(learned) < len(members) and {m.hparams["lr"] for m in learned} <= {3e-3, 5e-3, 1e-2, 2e-2}
+
+
 def test_checkpoint_epochs_do_not_change_a_members_training(tmp_path):
     """Training longer only appends checkpoints: epoch 2 of a [1, 2] zoo is bit-identical to epoch 2 of a
     [2, 3] zoo (what lets mnist-paper-long's epoch 16 stand beside mnist-paper's)."""
