@@ -67,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(classes) > 1:
         raise SystemExit(f"--collapse-head reads one classifier output size; these zoos have {sorted(classes)} classes")
     accelerator = _accelerator()
+    torch.manual_seed(args.seed)  # the initial weights: a rerun of a recipe gives the same predictor, bit for bit
     model = AccuracyPredictor(PredictorConfig(scale_head_layers=args.scale_head_layers,
                                               n_classes=classes.pop() if classes else 0, probes=args.probes,
                                               probe_archs=list(archs.values()) or None))

@@ -128,6 +128,10 @@ def test_fit_command_trains_and_saves_a_loadable_predictor(tmp_path):
     assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "p"), "--epochs", "1"]) == 0
     loaded = AccuracyPredictor.from_pretrained(tmp_path / "p")
     assert "tiny" in loaded.meta["summary"] and len(loaded.meta["history"]) == 1
+    # a rerun of the recipe gives the same predictor, bit for bit (the initial weights are seeded too)
+    assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "p2"), "--epochs", "1"]) == 0
+    again = AccuracyPredictor.from_pretrained(tmp_path / "p2").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in loaded.state_dict().items())
     assert loaded.config.scale_head_layers == 0  # the default: the single head
     assert main(["predictor", "fit", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "s"), "--epochs", "1",
                  "--scale-head-layers", "2"]) == 0
