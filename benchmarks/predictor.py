@@ -394,9 +394,13 @@ def markdown(rows, ood, ceilings, args, ood_ceilings=()) -> str:
     empty = [c for c in args.cutoffs if c not in {r["cutoff"] for r in [*rows, *ceilings]}]
     if empty:
         lines += ["", f"Cut-offs with too few members to split (no row above): {', '.join(f'{c}%' for c in empty)}."]
-    small = sorted({r["cutoff"] for r in rows if r["n_test"] < 30})
+    small: dict[str, set[int]] = {}
+    for r in rows:
+        if r["n_test"] < 30:
+            small.setdefault(r["zoo"], set()).add(r["cutoff"])
     if small:
-        lines += [f"Test splits of fewer than 30 members (tau is noise there): cut-offs {', '.join(f'{c}%' for c in small)}."]
+        lines += ["Test splits of fewer than 30 members (tau is noise there): " + "; ".join(
+            f"{zoo} at {', '.join(f'{c}%' for c in sorted(cuts))}" for zoo, cuts in sorted(small.items())) + "."]
     if ood:
         ceiling_of = {c["zoo"]: c for c in ood_ceilings}
         lines += ["", "## Out of distribution: train on narrower widths, test on the widest", "",
