@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--label", action="append", default=[], help="a name for each --predictor in the table")
     p.add_argument("--seeds", type=int, default=3, help="models per recipe (different initialisation and data order)")
     p.add_argument("--first-seed", type=int, default=0,
-                   help="seeds first-seed ... first-seed + seeds - 1 (0-2 made the committed table; 3-5 are a fresh test)")
+                   help="seeds first-seed ... first-seed + seeds - 1 (0-2: the committed table; 3-5: a fresh test)")
     p.add_argument("--name", default="predictor_recipes", help="results file stem in benchmarks/results/")
     args = p.parse_args(argv)
     names = args.predictor or list(SHIPPED)
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     plot(rows, results, RESULTS / f"{args.name}.png")
     lines = ["# Accuracy predictors on models trained by user-like recipes", "",
              f"The paper's zoo transformer on MNIST, {args.seeds} model(s) per recipe (batch 64, seeds "
-             f"{args.first_seed}-{args.first_seed + args.seeds - 1}), test accuracy on 5,000 images.", "", f"![predicted vs measured]({args.name}.png)",
+             f"{args.first_seed}-{args.first_seed + args.seeds - 1}), test accuracy on 5,000 images.", "",
+             f"![predicted vs measured]({args.name}.png)",
              "", "| predictor | Kendall tau | R2 | L1 |", "|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['kendall_tau']:.3f} | {r['r2']:.3f} | {r['l1']:.4f} |" for r in results]
     lines += ["", "| recipe | measured | " + " | ".join(r["label"] for r in results) + " |",

@@ -57,7 +57,8 @@ def test_shipped_vit_predictor_reads_a_vit_of_an_unseen_width_invariantly():
     from nfn_plugins.group import SymmetryGroup
     from nfn_plugins.zoo.models import make_vit
 
-    assert {"mnist-paper", "mnist-paper-long", "mnist-paper-recipes", "mnist-vit"} <= set(AccuracyPredictor.available())
+    shipped = {"mnist-paper", "mnist-paper-long", "mnist-paper-recipes", "mnist-vit"}
+    assert shipped <= set(AccuracyPredictor.available())
     torch.manual_seed(0)
     ws = extract_weights(make_vit(d_model=40, n_heads=4, n_blocks=2)).double()  # the zoo has widths 16-64 by 16
     predictor = AccuracyPredictor.from_pretrained("mnist-vit").double()

@@ -20,9 +20,10 @@ How a zoo is built (`build_zoo`):
   shard is either complete or absent. Finished members are read back from the shards on every start:
   rerunning after a kill only trains the members that are missing. At the end ``manifest.json`` (finished
   members -> shard) and ``metadata.jsonl`` (one line per checkpoint) are rewritten from the shards.
-- Members of the optimizer "nfn" (the package's learned optimizer, `NFNOptimizer` with the default learned
-  update, which needs the model and cannot be vmapped) train one by one, in batches of their own; their shards
-  and records are like the others'. A zoo with them covers models trained the way the package trains them.
+- Members of the optimizer "nfn" (the package's learned optimizer, `NFNOptimizer` with the learned update
+  ``ZOO_LEARNED_UPDATE``, which needs the model and cannot be vmapped) train one by one, in batches of their
+  own; their shards and records are like the others'. A zoo with them covers models trained the way the
+  package trains them.
 - Under ``accelerate launch`` process ``rank`` takes the members with ``i % world_size == rank``.
 """
 
@@ -53,6 +54,9 @@ from .models import BERT, PAPER, VIT, arch_key, build_model, init_weights, prepa
 
 STACKED_OPTIMIZERS = ("adam", "rmsprop", "sgd", "sgd_momentum")  # the paper's grid; trained batched
 SEQUENTIAL_OPTIMIZERS = ("nfn",)  # trained one member at a time (see the module docstring)
+# the learned update of "nfn" members, pinned (not the package's moving default) so that a rebuild or a resumed
+# build trains the same members
+ZOO_LEARNED_UPDATE = "vit-paper-bert-1layer"
 OPTIMIZERS = STACKED_OPTIMIZERS + SEQUENTIAL_OPTIMIZERS
 SHARD_FORMAT = "nfn-plugins-zoo-shard/1"
 _DATASET_FOR = {"image": ("mnist", "fashion_mnist"), "text": ("movie_reviews", "ag_news")}
@@ -332,12 +336,11 @@ class StackedOptimizer:
 
 def torch_optimizer(kind: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """The ``torch.optim`` optimizer `StackedOptimizer` reproduces, or for "nfn" the package's learned optimizer
-    (the default learned update at its validated correction horizon; decoupled weight decay), for one-by-one
-    training."""
+    (``ZOO_LEARNED_UPDATE`` at its validated correction horizon; decoupled weight decay), for one-by-one training."""
     if kind == "nfn":
-        from ..optim import DEFAULT_LEARNED_UPDATE, NFNOptimizer
+        from ..optim import NFNOptimizer
 
-        return NFNOptimizer.from_pretrained(DEFAULT_LEARNED_UPDATE, model, lr=lr, weight_decay=weight_decay)
+        return NFNOptimizer.from_pretrained(ZOO_LEARNED_UPDATE, model, lr=lr, weight_decay=weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

@@ -24,7 +24,8 @@ HF_GRID = HyperGrid(
 )
 
 # Recipes like a user's: batch 64, good-to-poor learning rates, small inits, and the package's own learned optimizer
-# ("nfn", trained one by one), so that a predictor fitted on it has seen models as good as those recipes make.
+# ("nfn": `ZOO_LEARNED_UPDATE`, trained one by one), so that a predictor fitted on it has seen models as good as those
+# recipes make.
 RECIPES_GRID = HyperGrid(
     optimizer=["adam", "rmsprop", "sgd_momentum", "nfn"],
     lr={"adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "rmsprop": [1e-4, 3e-4, 1e-3, 3e-3],
