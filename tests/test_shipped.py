@@ -3,7 +3,8 @@ trained with (tests/data/shipped_outputs.json, in float64): `vit-mnist`'s since 
 anew on the whitened equivariant Adam (2026-11-26, fifth session); the `mnist-paper` predictor's since it
 was retrained with a two-layer head (2026-11-26); `vit-paper-1layer`'s since it shipped (2026-11-27);
 `vit-paper-bert-1layer`'s and the `mnist-paper-long` predictor's since they shipped (2026-11-28); the
-`mnist-paper-recipes` predictor's since it shipped (2026-11-28, twenty-fifth session)."""
+`mnist-paper-recipes` and `mnist-paper-recipes-collapse` predictors' since they shipped (2026-11-28, twenty-fifth
+session)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ def test_shipped_predictor_outputs_are_unchanged(predictor, name):
     assert all(_close(a, b) for a, b in zip(pred, GOLDEN[f"predictor/{predictor}/{name}"], strict=True)), pred
 
 
+def test_shipped_collapse_predictor_outputs_are_unchanged():
+    """A predictor with a collapse head reads a 10-class output bias: the paper's MNIST model's weights."""
+    from nfn_plugins.zoo.models import build_model, paper_arch
+
+    ws = extract_weights(build_model(paper_arch())).double()
+    gen = torch.Generator().manual_seed(1)
+    batch = ws.map(lambda x: torch.randn((3,) + x.shape, generator=gen, dtype=torch.float64) * 0.5)
+    pred = AccuracyPredictor.from_pretrained("mnist-paper-recipes-collapse").double().predict(batch).tolist()
+    assert all(_close(a, b) for a, b in zip(pred, GOLDEN["predictor/mnist-paper-recipes-collapse/paper"], strict=True))
+
+
 @pytest.mark.parametrize("update", ["vit-mnist", "vit-paper-1layer", "vit-paper-bert-1layer"])
 @pytest.mark.parametrize("name", ["bert", "qwen2", "vit"])
 def test_shipped_learned_update_outputs_are_unchanged(update, name):
@@ -57,7 +69,7 @@ def test_shipped_vit_predictor_reads_a_vit_of_an_unseen_width_invariantly():
     from nfn_plugins.group import SymmetryGroup
     from nfn_plugins.zoo.models import make_vit
 
-    shipped = {"mnist-paper", "mnist-paper-long", "mnist-paper-recipes", "mnist-vit"}
+    shipped = {"mnist-paper", "mnist-paper-long", "mnist-paper-recipes", "mnist-paper-recipes-collapse", "mnist-vit"}
     assert shipped <= set(AccuracyPredictor.available())
     torch.manual_seed(0)
     ws = extract_weights(make_vit(d_model=40, n_heads=4, n_blocks=2)).double()  # the zoo has widths 16-64 by 16
