@@ -38,7 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = [("nfn", None, 300), ("nfn", None, 1000), ("adamw", 3e-4, 300), ("adamw", 1e-3, 300),
            ("adamw", 3e-3, 300), ("adamw", 1e-3, 1000), ("sgdm", 0.03, 300), ("sgdm", 0.1, 300),
            ("rmsprop", 1e-3, 300), ("adamw", 1e-2, 300), ("sgdm", 0.01, 100), ("adamw", 1e-4, 100)]
-SHIPPED = ("mnist-paper-recipes-collapse", "mnist-paper-recipes", "mnist-paper-long", "mnist-paper")  # the shipped predictors of the paper's model
+# the shipped predictors of the paper's model
+SHIPPED = ("mnist-paper-recipes-collapse", "mnist-paper-recipes", "mnist-paper-long", "mnist-paper")
 
 
 def optimizer(kind: str, lr: float | None, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -60,15 +61,13 @@ def test_accuracy(model: torch.nn.Module, data, n: int) -> float:
 def trained_models(data, seeds: int, first_seed: int = 0) -> list[tuple[str, torch.nn.Module, float]]:
     """(recipe, model, measured test accuracy) for every recipe and seed ``first_seed ... + seeds - 1`` (batch
     64); recipe j of seed s draws its initialisation and batches from ``s * len(RECIPES) + j``."""
-    out = []
-    for seed in range(first_seed, first_seed + seeds):
-        for j, (kind, lr, steps) in enumerate(RECIPES):
-            out.append(_trained(data, seed, seed * len(RECIPES) + j, kind, lr, steps, seeds > 1))
-    return out
+    return [_trained(data, seed, j, seeds > 1) for seed in range(first_seed, first_seed + seeds)
+            for j in range(len(RECIPES))]
 
 
-def _trained(data, seed: int, i: int, kind: str, lr: float | None, steps: int,
-             name_seed: bool) -> tuple[str, torch.nn.Module, float]:
+def _trained(data, seed: int, j: int, name_seed: bool) -> tuple[str, torch.nn.Module, float]:
+    kind, lr, steps = RECIPES[j]
+    i = seed * len(RECIPES) + j
     torch.manual_seed(i)
     model = build_model(paper_arch())
     opt = optimizer(kind, lr, model)

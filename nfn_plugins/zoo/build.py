@@ -778,11 +778,15 @@ def _check_config(root: Path, cfg: ZooConfig) -> None:
     _atomic_write_bytes(path, cfg.to_json().encode(), tmp_tag=f"-{os.getpid()}")
 
 
+def _trains_alone(member: Member) -> bool:
+    """Whether the member's optimizer needs its model (`SequentialTrainer`); batches never mix the two kinds."""
+    return member.hparams["optimizer"] in SEQUENTIAL_OPTIMIZERS
+
+
 def _batches(members: list[Member], size: int) -> list[list[Member]]:
     groups: dict[tuple, list[Member]] = {}
     for m in sorted(members, key=lambda m: m.id):
-        sequential = ("sequential",) if m.hparams["optimizer"] in SEQUENTIAL_OPTIMIZERS else ()
-        groups.setdefault(m.group_key() + sequential, []).append(m)
+        groups.setdefault(m.group_key() + (("sequential",) if _trains_alone(m) else ()), []).append(m)
     out = []
     for key in sorted(groups, key=str):
         ms = groups[key]
@@ -900,8 +904,7 @@ def build_zoo(
                disable=not progress, position=rank, dynamic_ncols=True)
     try:
         for batch in _batches(todo, cfg.members_per_batch):
-            sequential = batch[0].hparams["optimizer"] in SEQUENTIAL_OPTIMIZERS  # a batch is all or none
-            trainer = (SequentialTrainer if sequential else BatchTrainer)(cfg, task, batch)
+            trainer = (SequentialTrainer if _trains_alone(batch[0]) else BatchTrainer)(cfg, task, batch)  # all or none
             snaps = trainer.run(on_checkpoint=bar.update)
             spaces = [trainer.weight_spaces(s.params) for s in snaps]  # [C] x [M, ...]
             # rows ordered member-major: member j, checkpoint c -> row j * C + c
