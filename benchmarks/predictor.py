@@ -51,21 +51,17 @@ from nfn_plugins.predictor import (  # noqa: E402
 from nfn_plugins.zoo import Zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ours", "ours-scale-head", "ours-collapse", "ours-probe", "ours-scale-head-probe", "ours-collapse-ens3",
-           "ours-scale-head-ens3", "scale-mlp", "scale-mlp-sizes", "paper-nfn", "statnn", "gbt", "gbt-invariant", "gbt-collapse", "flat-mlp", "probe-mlp")
+METHODS = ("ours", "ours-scale-head", "ours-collapse", "ours-probe", "ours-scale-head-probe", "scale-mlp",
+           "scale-mlp-sizes", "paper-nfn", "statnn", "gbt", "gbt-invariant", "gbt-collapse", "flat-mlp", "probe-mlp")
 # with the collapse rule (nfn_plugins/nn/collapse.py): need the masks
-COLLAPSE = ("ours-collapse", "ours-collapse-ens3", "ours-probe", "gbt-collapse")
+COLLAPSE = ("ours-collapse", "ours-probe", "gbt-collapse")
 SCATTERED = ("ours", "ours-collapse")  # the predicted-vs-true plot's methods
 RUN_SETTINGS = ("zoo", "ood_zoo", "epoch", "cutoffs", "seeds", "methods", "epochs", "no_augment", "quick",
                 "train_all_epochs")  # --resume must match these
 N_PROBES = 16  # learned probe images of the probing methods (PROBING)
 OURS = {"ours": PredictorConfig(), "ours-scale-head": PredictorConfig(scale_head_layers=2),
         "ours-collapse": PredictorConfig(), "ours-probe": PredictorConfig(probes=N_PROBES),
-        "ours-scale-head-probe": PredictorConfig(scale_head_layers=2, probes=N_PROBES),
-        # three predictors of the method without the suffix, averaged; the first is that method's own run
-        "ours-collapse-ens3": PredictorConfig(ensemble=3),
-        "ours-scale-head-ens3": PredictorConfig(scale_head_layers=2, ensemble=3)}
-ENSEMBLES = tuple(m for m, c in OURS.items() if c.ensemble > 1)
+        "ours-scale-head-probe": PredictorConfig(scale_head_layers=2, probes=N_PROBES)}
 # the shipped config first; the collapse methods get the zoo's n_classes, the probing ones its architectures too
 PROBING = ("ours-probe", "ours-scale-head-probe", "probe-mlp")  # run the members' forward on learned images
 # methods that read any width and depth (the others need one fixed architecture)
@@ -484,9 +480,7 @@ def main(argv=None) -> int:
     p.add_argument("--epoch", type=int)
     p.add_argument("--cutoffs", type=lambda s: [int(x) for x in s.split(",")], default=[0, 20, 40, 60, 80])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--methods", type=lambda s: s.split(","), default=[m for m in METHODS if m not in ENSEMBLES],
-                   help=f"comma-separated, of {', '.join(METHODS)} (default: all but the ensembles, "
-                        "which cost three fits)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--no-augment", action="store_true", help="ours without group augmentation (an ablation)")
     p.add_argument("--train-all-epochs", action="store_true",

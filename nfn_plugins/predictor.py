@@ -5,15 +5,14 @@ Invariant Transformer-NFN features + a small head, trained with binary cross-ent
 symmetries the NFN does not build in (MLP-unit scales, RMSNorm stream signs) can be taught by
 augmentation with random group elements. With ``n_classes`` a collapse head (`nn.collapse`) ranks the
 members that predict one class for every input by the class their output bias picks. With ``probes`` the heads
-also read each network's outputs on learned probe images (`nfn_plugins.probes`). With ``ensemble`` several
-predictors of one configuration, each fitted from its own seed, average their predicted accuracies.
+also read each network's outputs on learned probe images (`nfn_plugins.probes`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,7 +29,6 @@ from .weight_space import WeightSpace
 
 
 Group = tuple[WeightSpace, torch.Tensor]  # weight spaces [N] of one architecture, labels [N]
-MEMBER_SEED_STRIDE = 1000  # an ensemble's member k fits with FitConfig.seed + k * this
 
 
 @dataclass
@@ -58,10 +56,6 @@ class PredictorConfig:
     # without
     probes: int = 0
     probe_archs: list[dict] | None = None
-    # > 1: this many predictors of this configuration (the first is this module, the others `others`), each
-    # initialised and fitted from its own seed; `predict` averages their accuracies. One fit's seed alone moved
-    # tau by ~0.05 on 36 held-out models (benchmarks/results/predictor_recipes_spread3.md)
-    ensemble: int = 1
 
 
 @dataclass
@@ -145,22 +139,11 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
                                   head_layers=c.head_layers, scale_head_layers=c.scale_head_layers,
                                   extra_features=extra)
         self.collapse = CollapseHead(self.nfn.feature_dim + extra, c.n_classes) if c.n_classes else None
-        if c.ensemble < 1:
-            raise ValueError(f"ensemble must be a positive number of predictors, got {c.ensemble!r}")
-        # built after this member's modules, so that an ensemble's first member is the single predictor of the seed
-        self.others = nn.ModuleList(AccuracyPredictor(replace(c, ensemble=1)) for _ in range(c.ensemble - 1)) \
-            if c.ensemble > 1 else None
         self.meta: dict = {}
 
-    @property
-    def members(self) -> list["AccuracyPredictor"]:
-        """The predictors whose accuracies `predict` averages: this one, then `others`."""
-        return [self, *(self.others or [])]
-
     def forward(self, ws: WeightSpace, with_gate: bool = False):
-        """This member's logits [B] for weight spaces with batch dims [B] or [B, 1] (an ensemble's `predict`
-        averages its members' accuracies); ``with_gate``: (logits, collapse-gate logits or None) (through
-        forward, so that DDP sees the gate's gradients)."""
+        """Logits [B] for weight spaces with batch dims [B] or [B, 1]; ``with_gate``: (logits, collapse-gate
+        logits or None) (through forward, so that DDP sees the gate's gradients)."""
         if len(ws.batch_shape) == 2 and ws.batch_shape[1] == 1:
             ws = ws.map(lambda t: t.squeeze(1))
         features = self.nfn.features(ws.unsqueeze(1))
@@ -187,25 +170,18 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
             raise TypeError(f"predict takes an nn.Module, a WeightSpace or a Zoo, not {type(x).__name__}")
         single = x.batch_shape == ()
         ws = x.unsqueeze(0) if single else x
-        out = torch.stack([m._predict_alone(ws, batch_size) for m in self.members]).mean(0)
-        return out[0] if single else out
-
-    @torch.no_grad()
-    def _predict_alone(self, ws: WeightSpace, batch_size: int) -> torch.Tensor:
-        """This member's accuracies for weight spaces [N]."""
         param = next(self.parameters())  # the weights come to the predictor's device and dtype
         was_training = self.training
         self.eval()
         out = torch.cat([torch.sigmoid(self(ws.map(lambda t: t[i : i + batch_size].to(param.device, param.dtype))))
                          for i in range(0, ws.batch_shape[0], batch_size)])
         self.train(was_training)
-        return out
+        return out[0] if single else out
 
-    def evaluate(self, data, alone: bool = False) -> dict[str, float]:
-        """Kendall's tau, R^2 and L1 error on held-out data (a Zoo or (weights, labels) pairs); ``alone``: of
-        this member only (a fit's validation)."""
+    def evaluate(self, data) -> dict[str, float]:
+        """Kendall's tau, R^2 and L1 error on held-out data (a Zoo or (weights, labels) pairs)."""
         groups = as_groups(data)
-        pred = torch.cat([self._predict_alone(ws, 64) if alone else self.predict(ws) for ws, _ in groups])
+        pred = torch.cat([self.predict(ws) for ws, _ in groups])
         return regression_report(pred, torch.cat([y for _, y in groups]))
 
     def fit(self, train, val=None, config: FitConfig | None = None, accelerator=None, progress: bool = True,
@@ -226,23 +202,8 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
         off a Zoo when not given) alongside the accuracy loss. Augmentation samples MLP-unit scales,
         which a scale head reads as shifted up/down norms (with a scale head and without augmentation:
         tau +0.014 on mnist-paper, -0.014 on mnist-vit; see README).
-
-        An ensemble fits its members one after the other, member k with seed ``config.seed + k *
-        MEMBER_SEED_STRIDE``, each keeping its own best epoch; their history rows carry ``"member": k``.
         """
         cfg = config or FitConfig()
-        if self.others is None:
-            return self._fit_alone(train, val, cfg, accelerator, progress, collapsed)
-        history = []
-        for k, member in enumerate(self.members):
-            rows = member._fit_alone(train, val, replace(cfg, seed=cfg.seed + k * MEMBER_SEED_STRIDE), accelerator,
-                                     progress, collapsed)
-            history += [{"member": k, **r} for r in rows]
-        return history
-
-    def _fit_alone(self, train, val, cfg: FitConfig, accelerator, progress: bool,
-                   collapsed: list[torch.Tensor] | None) -> list[dict]:
-        """`fit` of this member alone (its own parameters; the others, if any, are left as they are)."""
         groups = as_groups(train)
         val_groups = as_groups(val) if val is not None else None
         if self.nfn.scale_norm is not None and not self.nfn.scale_norm.fitted:
@@ -260,8 +221,7 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
                               torch.cat([y for _, y in groups]), torch.cat(masks))
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        own = [p for n, p in self.named_parameters() if not n.startswith("others.")]
-        opt = torch.optim.AdamW(own, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         steps_per_epoch = sum(math.ceil(len(y) / cfg.batch_size) for _, y in groups) // world
         total = max(1, steps_per_epoch * cfg.epochs)
@@ -303,7 +263,7 @@ class AccuracyPredictor(checkpoints.Pretrained, nn.Module):
             row = {"epoch": epoch + 1, "train_bce": sum(losses) / max(1, len(losses)),
                    "seconds": time.perf_counter() - start}
             if val_groups is not None:
-                row.update({f"val_{k}": v for k, v in self.evaluate(val_groups, alone=True).items()})
+                row.update({f"val_{k}": v for k, v in self.evaluate(val_groups).items()})
                 tau = row["val_kendall_tau"]
                 if cfg.restore_best and math.isfinite(tau) and (best is None or tau > best[0]):
                     best = (tau, {k: v.detach().clone() for k, v in self.state_dict().items()})

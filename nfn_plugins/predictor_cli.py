@@ -70,15 +70,14 @@ def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the initial weights: a rerun of a recipe gives the same predictor, bit for bit
     model = AccuracyPredictor(PredictorConfig(scale_head_layers=args.scale_head_layers,
                                               n_classes=classes.pop() if classes else 0, probes=args.probes,
-                                              probe_archs=list(archs.values()) or None, ensemble=args.ensemble))
+                                              probe_archs=list(archs.values()) or None))
     history = model.fit(train, val, FitConfig(epochs=args.epochs, seed=args.seed), accelerator=accelerator,
                         collapsed=collapsed if args.collapse_head else None)
     if accelerator is None or accelerator.is_main_process:
-        scores = model.evaluate(val)  # the weights kept (each member's best epoch), averaged if an ensemble
+        kept = next((r for r in history if r.get("best")), history[-1])  # the epoch whose weights are kept
         zoos = ", ".join(names)
-        members = f" ({args.ensemble} predictors averaged)" if args.ensemble > 1 else ""
-        summary = (f"trained on zoo(s) {zoos}{f', epoch {args.epoch}' if args.epoch else ', all epochs'}{members}; "
-                   f"validation Kendall tau {scores['kendall_tau']:.3f}, L1 {scores['l1']:.3f}")
+        summary = (f"trained on zoo(s) {zoos}{f', epoch {args.epoch}' if args.epoch else ', all epochs'}; "
+                   f"validation Kendall tau {kept['val_kendall_tau']:.3f}, L1 {kept['val_l1']:.3f}")
         model.save_pretrained(args.out, summary=summary, zoos=zoos, epochs=args.epochs, seed=args.seed,
                               fit_epoch=args.epoch, history=history)
         print(f"[predictor] saved to {args.out}: {summary}")
@@ -132,9 +131,6 @@ def add_parser(subparsers) -> None:
     f.add_argument("--probes", type=int, default=0,
                    help="also read the members' outputs on this many learned probe images (PredictorConfig.probes; "
                         "image zoos; the saved predictor then reads only the zoos' architectures)")
-    f.add_argument("--ensemble", type=int, default=1,
-                   help="fit this many predictors, each from its own seed, and average their accuracies "
-                        "(PredictorConfig.ensemble; costs that many fits)")
     f.set_defaults(func=_run)
     e = sub.add_parser("evaluate", help="score a saved or shipped predictor on zoos (Kendall tau, R2, L1)")
     e.add_argument("--predictor", required=True, help="a directory or a shipped name "
